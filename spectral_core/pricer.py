@@ -1,0 +1,218 @@
+"""Batched inference: contracts (X0, K, T, r, d, v) -> spectra -> prices, greeks and distribution metrics.
+
+One forward pass of the network gives F_k(theta) for a contract's (T, r, d, sigma); every payoff,
+strike, moment and quantile then comes from the COS sums in `cos.py`. Greeks are autograd
+derivatives through the network and the COS sum. Contracts outside the trained domain are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spectral_core import cos
+from spectral_core.config import PARAM_NAMES, CoreConfig
+from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
+from spectral_core.snapshot import Snapshot
+from spectral_core.trainer import interval_torch
+
+CONTRACT_FIELDS: tuple[str, ...] = ("X0", "K", "T", "r", "d", "v")
+# Request field -> training-domain parameter it is checked against.
+_DOMAIN_FIELD = {"T": "T", "r": "r", "d": "d", "v": "sigma"}
+QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.5, 0.95, 0.99)
+RISK_LEVELS: tuple[float, ...] = (0.95, 0.99)
+GREEKS: tuple[str, ...] = ("delta", "gamma", "vega", "theta", "rho")
+
+
+class DomainError(ValueError):
+    """A contract lies outside the model's trained domain (or is not a valid contract)."""
+
+    def __init__(self, field: str, index: int, value: float, lower: float, upper: float | None):
+        self.field, self.index, self.value, self.lower, self.upper = field, index, value, lower, upper
+        where = f"[{lower}, {upper}]" if upper is not None else f"> {lower}"
+        super().__init__(
+            f"contracts[{index}].{field} = {value!r} is outside the trained domain {where}"
+        )
+
+
+@dataclass(frozen=True)
+class Contracts:
+    """A batch of contracts as float64 arrays of one shape (B,)."""
+
+    X0: np.ndarray
+    K: np.ndarray
+    T: np.ndarray
+    r: np.ndarray
+    d: np.ndarray
+    v: np.ndarray
+
+    @classmethod
+    def from_columns(cls, cols: Mapping[str, object]) -> Contracts:
+        arrays = {}
+        for name in CONTRACT_FIELDS:
+            if name not in cols:
+                raise ValueError(f"missing contract field {name!r}")
+            arr = np.atleast_1d(np.asarray(cols[name], dtype=np.float64))
+            if arr.ndim != 1:
+                raise ValueError(f"contract field {name!r} must be one-dimensional, got {arr.shape}")
+            arrays[name] = arr
+        n = {a.shape[0] for a in arrays.values()}
+        if len(n) != 1:
+            raise ValueError(f"contract fields have different lengths: {sorted(n)}")
+        return cls(**arrays)
+
+    def __len__(self) -> int:
+        return int(self.X0.shape[0])
+
+
+class Pricer:
+    """Prices contracts from a trained SpectralCVNN.
+
+    `reproducible=True` evaluates the network one contract at a time in complex128 so every price
+    is independent of what else is in the batch (GEMM blocking changes the last bits with batch
+    size): the same request gives the same bytes however requests are micro-batched.
+    """
+
+    def __init__(
+        self,
+        model: SpectralCVNN,
+        config: CoreConfig,
+        *,
+        device: str | torch.device = "cpu",
+        reproducible: bool = False,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.reproducible = reproducible
+        dtype = torch.complex128 if reproducible else torch.complex64
+        self.model = model.to(self.device).to(dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._feature_dtype = torch.float64 if reproducible else torch.float32
+
+    @classmethod
+    def from_snapshot(
+        cls, snapshot: Snapshot, *, device: str | torch.device = "cpu", reproducible: bool = False
+    ) -> Pricer:
+        config = CoreConfig.model_validate(snapshot.meta["config"])
+        model = build_model(config.arch, n_freq=config.spectrum.n_freq, dtype=torch.complex64)
+        state = {k.removeprefix("model."): v for k, v in snapshot.tensors.items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        return cls(model, config, device=device, reproducible=reproducible)
+
+    # ------------------------------------------------------------------ checks
+    def check_domain(self, c: Contracts) -> None:
+        """Raise DomainError naming the first contract field outside the trained domain."""
+        for name in ("X0", "K"):
+            arr = getattr(c, name)
+            bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
+            if bad.size:
+                i = int(bad[0])
+                raise DomainError(name, i, float(arr[i]), 0.0, None)
+        dom = self.config.domain
+        for name, param in _DOMAIN_FIELD.items():
+            arr = getattr(c, name)
+            bounds = getattr(dom, param)
+            bad = np.flatnonzero(~((arr >= bounds.lower) & (arr <= bounds.upper)))
+            if bad.size:
+                i = int(bad[0])
+                raise DomainError(name, i, float(arr[i]), bounds.lower, bounds.upper)
+
+    # ------------------------------------------------------------------ network
+    def spectrum(self, theta: torch.Tensor) -> torch.Tensor:
+        """F_k for theta (B, 4) = (T, r, d, sigma) -> (B, N) complex128, differentiable w.r.t. theta."""
+        features = theta_features(theta.to(self._feature_dtype), self.config.domain)
+        if self.reproducible:
+            rows = [self.model(features[i : i + 1]) for i in range(features.shape[0])]
+            F = torch.cat(rows) if rows else self.model(features)
+        else:
+            F = self.model(features)
+        return F.to(torch.complex128)
+
+    # ------------------------------------------------------------------ pricing
+    def price(
+        self, contracts: Contracts, *, greeks: bool = False, metrics: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Put/call prices, intrinsic and convexity; greeks and distribution metrics on request.
+
+        intrinsic = e^{-rT} max(K - F, 0) (put) and e^{-rT} max(F - K, 0) (call) with F the forward;
+        convexity = price - intrinsic (>= 0 for an arbitrage-free model).
+        """
+        self.check_domain(contracts)
+        dev = self.device
+        col = {n: torch.as_tensor(getattr(contracts, n), dtype=torch.float64, device=dev) for n in CONTRACT_FIELDS}
+        if greeks:
+            for n in ("X0", "T", "r", "v"):
+                col[n].requires_grad_(True)
+        X0, K, T, r, d, v = (col[n] for n in CONTRACT_FIELDS)
+        with torch.set_grad_enabled(greeks):
+            theta = torch.stack([T, r, d, v], dim=-1)
+            F = self.spectrum(theta)
+            a, b = interval_torch(theta, L=self.config.spectrum.truncation_L)
+            put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
+            call = cos.call(F, a, b, S0=X0, K=K, r=r, T=T, d=d)
+            disc = torch.exp(-r * T)
+            fwd = X0 * torch.exp((r - d) * T)
+            out: dict[str, torch.Tensor] = {
+                "put": put,
+                "call": call,
+                "put_intrinsic": disc * torch.clamp(K - fwd, min=0.0),
+                "call_intrinsic": disc * torch.clamp(fwd - K, min=0.0),
+                "digital_call": cos.digital_call(F, a, b, S0=X0, K=K, r=r, T=T),
+                "digital_put": cos.digital_put(F, a, b, S0=X0, K=K, r=r, T=T),
+                "forward": fwd,
+            }
+            out["put_convexity"] = out["put"] - out["put_intrinsic"]
+            out["call_convexity"] = out["call"] - out["call_intrinsic"]
+            result: dict[str, np.ndarray] = {}
+            if greeks:
+                for kind in ("put", "call"):
+                    result.update(_greeks(kind, out[kind], X0=X0, T=T, r=r, v=v))
+        if metrics:
+            with torch.no_grad():
+                result.update(_metrics(F.detach(), a.detach(), b.detach(), X0.detach(), T.detach()))
+        for k, t in out.items():
+            result[k] = t.detach().cpu().numpy()
+        return result
+
+
+def _greeks(
+    kind: str, price: torch.Tensor, *, X0: torch.Tensor, T: torch.Tensor, r: torch.Tensor, v: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """Autograd greeks; rows are independent so the gradient of the sum is the per-row gradient."""
+    total = price.sum()
+    d_x0, d_t, d_r, d_v = torch.autograd.grad(total, (X0, T, r, v), create_graph=True)
+    (gamma,) = torch.autograd.grad(d_x0.sum(), (X0,), retain_graph=True)
+    return {
+        f"{kind}_delta": d_x0.detach().cpu().numpy(),
+        f"{kind}_gamma": gamma.detach().cpu().numpy(),
+        f"{kind}_vega": d_v.detach().cpu().numpy(),
+        # theta as the calendar decay: minus the derivative w.r.t. time to expiry (per year).
+        f"{kind}_theta": (-d_t).detach().cpu().numpy(),
+        f"{kind}_rho": d_r.detach().cpu().numpy(),
+    }
+
+
+def _metrics(
+    F: torch.Tensor, a: torch.Tensor, b: torch.Tensor, X0: torch.Tensor, T: torch.Tensor
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    mx = cos.moments_log_return(F, a, b)
+    ms = cos.moments_terminal(F, a, b, S0=X0)
+    for name, t in mx.items():
+        out[f"x_{name}"] = t.cpu().numpy()
+    for name, t in ms.items():
+        out[f"ST_{name}"] = t.cpu().numpy()
+    for p in QUANTILE_LEVELS:
+        q = cos.quantile(F, a, b, S0=X0, p=p)
+        out[f"ST_q{round(p * 100):02d}"] = q.cpu().numpy()
+    for alpha in RISK_LEVELS:
+        out[f"var{round(alpha * 100)}"] = cos.value_at_risk(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
+        out[f"es{round(alpha * 100)}"] = cos.expected_shortfall(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
+    return out
+
+
+__all__ = ["CONTRACT_FIELDS", "GREEKS", "PARAM_NAMES", "Contracts", "DomainError", "Pricer"]

@@ -1,0 +1,355 @@
+"""The training loop: Sobol batch -> MC -> spectrum -> loss -> backward -> optimiser.
+
+A `Trainer` owns the model, the optimiser, the contract sampler and the normals stream. Its whole
+state is captured by `snapshot()` (tensors + JSON-able metadata) and `restore()` is the inverse:
+training N+M steps straight gives bit-identical parameters to N steps, snapshot, restore in a
+fresh process, M steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectral_core import analytic, cos
+from spectral_core.config import CoreConfig
+from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
+from spectral_core.device import resolve_device
+from spectral_core.normals import NormalsSource
+from spectral_core.processes.gbm import simulate_log_returns
+from spectral_core.sampler import ContractSampler
+from spectral_core.schedule import PlateauState, lr_at
+from spectral_core.snapshot import Snapshot
+from spectral_core.spectrum import estimate_spectrum, truncation_interval
+
+SNAPSHOT_FORMAT = 1
+TRAIN_STREAM = 0
+VALIDATION_STREAM = 1
+# The validation set uses its own Sobol scramble so it never overlaps training contracts.
+VALIDATION_SEED_OFFSET = 1_000_003
+# Strikes (as multiples of the forward) at which validation prices are checked.
+VALIDATION_MONEYNESS = (0.7, 0.85, 1.0, 1.15, 1.3)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    samples_per_s: float
+    steps_per_s: float
+    truncated_mass: float
+
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    step: int
+    val_loss: float
+    mean_abs_bp: float
+    max_abs_bp: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def interval_torch(theta: torch.Tensor, *, L: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncation interval [a, b] of DESIGN §3 for theta (B, 4) = (T, r, d, sigma), differentiable."""
+    T, r, d, sigma = theta.unbind(-1)
+    m = (r - d) * T
+    s = sigma * torch.sqrt(T)
+    return m - L * s, m + L * s
+
+
+def make_optimizer(cfg: CoreConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Continuous CVNN training on MC estimates of the characteristic function."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type != "cpu":
+            raise NotImplementedError("CUDA training goes through CudaBatchMaker; see _make_batch")
+        self.model: SpectralCVNN = build_model(
+            config.arch, n_freq=config.spectrum.n_freq, dtype=torch.complex64
+        ).to(self.device)
+        self.optimizer = make_optimizer(config, list(self.model.parameters()))
+        self.global_step = 0
+        self.plateau = PlateauState()
+        self.best_val = math.inf
+        self.evals_without_improvement = 0
+        self.last_validation: ValidationMetrics | None = None
+        self.sampler = ContractSampler(config.domain, seed=config.train.seed)
+        self._normals = NormalsSource(
+            config.sim.normals,
+            timesteps=config.sim.timesteps,
+            paths_per_contract=config.sim.paths_per_contract,
+            contracts_per_draw=config.train.batch_contracts,
+            seed=config.sim.seed,
+            cap_bytes=config.memory.normals_bytes,
+        )
+        self._stream = self._normals.stream(TRAIN_STREAM)
+        self._val_theta, self._val_target = self._build_validation_set()
+        self._t_last = time.perf_counter()
+
+    # ------------------------------------------------------------------ batches
+    def _spectrum_targets(self, theta: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, float]:
+        """MC estimate of F_k for contracts theta (B, 4) from normals z (B, M, steps)."""
+        c = self.config
+        x = simulate_log_returns(
+            theta,
+            z,
+            scheme=c.sim.scheme,
+            moment_matching=c.sim.moment_matching,
+            cap_bytes=c.memory.paths_bytes,
+        )  # (B, M) float64
+        a, b = truncation_interval(
+            theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3], L=c.spectrum.truncation_L, xp=np
+        )
+        est = estimate_spectrum(
+            x,
+            a,
+            b,
+            n_freq=c.spectrum.n_freq,
+            grid=c.spectrum.grid,
+            cap_bytes=c.memory.spectrum_bytes,
+            xp=np,
+        )
+        return est.F, float(np.mean(est.truncated_mass))  # (B, N) complex128
+
+    def _build_validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        n = c.train.validation_contracts
+        sampler = ContractSampler(c.domain, seed=c.train.seed + VALIDATION_SEED_OFFSET)
+        theta = sampler.sample(n)
+        stream = self._normals.stream(VALIDATION_STREAM)
+        B = c.train.batch_contracts
+        targets = []
+        for lo in range(0, n, B):
+            z = stream.next()
+            chunk = theta[lo : lo + B]
+            F, _ = self._spectrum_targets(chunk, z[: len(chunk)])
+            targets.append(F)
+        target = torch.from_numpy(np.concatenate(targets)).to(torch.complex64)
+        return torch.from_numpy(theta), target
+
+    # ------------------------------------------------------------------ training
+    def _set_lr(self) -> float:
+        lr = lr_at(self.config.optim, self.global_step, plateau_scale=self.plateau.scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self) -> StepMetrics:
+        c = self.config
+        t0 = time.perf_counter()
+        theta = self.sampler.sample(c.train.batch_contracts)  # (B, 4) float64
+        z = self._stream.next()  # (B, M, steps) float64
+        F_np, truncated = self._spectrum_targets(theta, z)
+        target = torch.from_numpy(F_np).to(self.device, torch.complex64)
+        features = theta_features(torch.from_numpy(theta).to(self.device, torch.float32), c.domain)
+
+        self.model.train()
+        lr = self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        pred = self.model(features)  # (B, N) complex64
+        loss = (pred - target).abs().square().mean()
+        loss.backward()
+        if c.optim.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.model.parameters() if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.global_step += 1
+
+        t1 = time.perf_counter()
+        dt = max(t1 - t0, 1e-12)
+        return StepMetrics(
+            step=self.global_step,
+            loss=float(loss.detach()),
+            grad_norm=float(grad_norm),
+            lr=lr,
+            samples_per_s=c.train.batch_contracts * c.sim.paths_per_contract / dt,
+            steps_per_s=1.0 / dt,
+            truncated_mass=truncated,
+        )
+
+    @property
+    def should_stop(self) -> bool:
+        patience = self.config.train.early_stopping_patience
+        return patience is not None and self.evals_without_improvement >= patience
+
+    def validate(self) -> ValidationMetrics:
+        """Spectral loss on the held-out set, and put prices against the closed form in bp of spot."""
+        c = self.config
+        self.model.eval()
+        with torch.no_grad():
+            features = theta_features(self._val_theta.to(self.device, torch.float32), c.domain)
+            pred = self.model(features)
+            val_loss = float((pred - self._val_target.to(self.device)).abs().square().mean())
+            err_bp = validation_price_errors_bp(pred.cpu(), self._val_theta, c)
+        metrics = ValidationMetrics(
+            step=self.global_step,
+            val_loss=val_loss,
+            mean_abs_bp=float(err_bp.mean()),
+            max_abs_bp=float(err_bp.max()),
+        )
+        if c.optim.schedule == "plateau":
+            self.plateau.observe(c.optim, val_loss)
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self.last_validation = metrics
+        return metrics
+
+    def train(
+        self,
+        *,
+        steps: int | None = None,
+        seconds: float | None = None,
+        on_step: Callable[[StepMetrics], None] | None = None,
+        on_validation: Callable[[ValidationMetrics], None] | None = None,
+    ) -> StepMetrics | None:
+        """Train until `steps` more steps, `seconds` of wall time, or early stopping, whichever first."""
+        if steps is None and seconds is None:
+            raise ValueError("give a step budget, a time budget, or both")
+        deadline = None if seconds is None else time.monotonic() + seconds
+        done = 0
+        last: StepMetrics | None = None
+        while (steps is None or done < steps) and (deadline is None or time.monotonic() < deadline):
+            last = self.step()
+            done += 1
+            if on_step is not None:
+                on_step(last)
+            if self.global_step % self.config.train.validation_every == 0:
+                v = self.validate()
+                if on_validation is not None:
+                    on_validation(v)
+                if self.should_stop:
+                    break
+        return last
+
+    # ------------------------------------------------------------------ snapshot / restore
+    def snapshot(self) -> Snapshot:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in self.model.state_dict().items():
+            tensors[f"model.{name}"] = t.detach().cpu().clone()
+        opt = self.optimizer.state_dict()
+        opt_scalars: dict[str, dict[str, Any]] = {}
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().cpu().clone()
+                else:
+                    opt_scalars.setdefault(str(idx), {})[key] = value
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        meta: dict[str, Any] = {
+            "snapshot_format": SNAPSHOT_FORMAT,
+            "config": self.config.model_dump(mode="json"),
+            "config_fingerprint": self.config.fingerprint(),
+            "global_step": self.global_step,
+            "sampler": self.sampler.state(),
+            "normals_position": self._stream.position,
+            "plateau": self.plateau.to_json(),
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "evals_without_improvement": self.evals_without_improvement,
+            "optim_param_groups": _json_param_groups(opt["param_groups"]),
+            "optim_scalars": opt_scalars,
+            "validation": None if self.last_validation is None else self.last_validation.as_dict(),
+        }
+        return Snapshot(tensors=tensors, meta=meta)
+
+    @classmethod
+    def restore(cls, snapshot: Snapshot, *, device: str | None = None) -> Trainer:
+        """Rebuild a trainer from `snapshot`; the stored config wins (only the device may change)."""
+        meta = snapshot.meta
+        if meta.get("snapshot_format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported snapshot_format {meta.get('snapshot_format')!r}")
+        config = CoreConfig.model_validate(meta["config"])
+        if device is not None:
+            config = config.model_copy(update={"device": device})
+        if config.fingerprint() != meta["config_fingerprint"]:
+            raise ValueError("snapshot config does not match its fingerprint")
+        trainer = cls.__new__(cls)
+        trainer._init_restored(config, snapshot)
+        return trainer
+
+    def _init_restored(self, config: CoreConfig, snapshot: Snapshot) -> None:
+        meta = snapshot.meta
+        self.__init__(config)  # type: ignore[misc]  # fresh components, then overwrite the state
+        model_state = {
+            k.removeprefix("model."): v for k, v in snapshot.tensors.items() if k.startswith("model.")
+        }
+        self.model.load_state_dict(model_state, strict=True)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in snapshot.tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value.to(self.device)
+        for idx, scalars in meta["optim_scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+        torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
+        self.global_step = int(meta["global_step"])
+        self.sampler.close() if hasattr(self.sampler, "close") else None
+        self.sampler = ContractSampler.from_state(config.domain, meta["sampler"])
+        self._stream = self._normals.stream(TRAIN_STREAM, skip=int(meta["normals_position"]))
+        self.plateau = PlateauState.from_json(meta["plateau"])
+        best = meta.get("best_val")
+        self.best_val = math.inf if best is None else float(best)
+        self.evals_without_improvement = int(meta["evals_without_improvement"])
+
+    def close(self) -> None:
+        self._normals.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for g in groups:
+        out.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return out
+
+
+def validation_price_errors_bp(
+    F: torch.Tensor, theta: torch.Tensor, config: CoreConfig
+) -> torch.Tensor:
+    """|COS put price from F - Black-Scholes| in bp of spot (S0 = 1), over VALIDATION_MONEYNESS strikes.
+
+    GBM has a closed form, so validation measures what users see: price error. Returns (B * K,).
+    """
+    theta = theta.to(torch.float64)
+    F = F.to(torch.complex128)
+    a, b = interval_torch(theta, L=config.spectrum.truncation_L)
+    T, r, d, sigma = theta.unbind(-1)
+    ones = torch.ones_like(T)
+    errs = []
+    for mny in VALIDATION_MONEYNESS:
+        K = mny * torch.exp((r - d) * T)
+        p = cos.put(F, a, b, S0=ones, K=K, r=r, T=T)
+        ref = analytic.bs_put(S0=ones, K=K, T=T, r=r, d=d, sigma=sigma)
+        errs.append((p - ref).abs() * 1e4)
+    return torch.cat(errs)
