@@ -1,0 +1,226 @@
+"""Service settings: one `Settings` object with nested groups.
+
+Layering, lowest to highest priority: the model defaults (kept equal to config/default.toml),
+config/default.toml, an optional `--config FILE` TOML, then `SPECTRALMC_*` environment variables
+(`SPECTRALMC_SERVER__PORT=9000`, `SPECTRALMC_CORE__SIM__SEED=3`). Nothing reads the environment
+at import time: `load_settings()` is the only entry point that does.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources import EnvSettingsSource
+
+from spectral_core.config import CoreConfig
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+ENV_PREFIX = "SPECTRALMC_"
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded or validated; the message names each bad field."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_instruments: int = Field(default=10_000, ge=1)
+    max_string_len: int = Field(default=256, ge=8)
+    max_list_items: int = Field(default=1000, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0.0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0.0)
+    # A market-data write may run ahead of the server clock by this much (clock skew), no more.
+    max_future_data_asof_s: float = Field(default=300.0, ge=0.0)
+
+
+class StoreSettings(_Group):
+    url: str = "file://./var/store"
+    s3_region: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    retry_attempts: int = Field(default=5, ge=1, le=50)
+    retry_backoff_s: float = Field(default=0.1, ge=0.0)
+    retry_backoff_max_s: float = Field(default=5.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreSettings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("s3_access_key_id and s3_secret_access_key must be given together")
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ValueError(
+                f"retry_backoff_max_s ({self.retry_backoff_max_s}) must be >= "
+                f"retry_backoff_s ({self.retry_backoff_s})"
+            )
+        return self
+
+
+class AdminSettings(_Group):
+    # None: every admin route refuses (there is no default token).
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AdminSettings:
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("token must be at least 16 characters")
+        return self
+
+
+_TEMPLATE_FIELDS = frozenset({"step", "loss", "batch"})
+
+
+class CommitPlan(_Group):
+    kind: Literal["every_steps", "every_seconds", "never"] = "every_seconds"
+    every_steps: int = Field(default=1000, ge=1)
+    every_seconds: float = Field(default=300.0, gt=0.0)
+    message_template: str = "step {step} loss {loss} batch {batch}"
+
+    @model_validator(mode="after")
+    def _check(self) -> CommitPlan:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.message_template) if f}
+        except ValueError as exc:
+            raise ValueError(f"message_template is not a format string: {exc}") from None
+        unknown = names - _TEMPLATE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"message_template uses unknown fields {sorted(unknown)}; "
+                f"allowed: {sorted(_TEMPLATE_FIELDS)}"
+            )
+        return self
+
+
+class TrainingSettings(_Group):
+    enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_seconds: float | None = Field(default=None, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1)
+    commit: CommitPlan = CommitPlan()
+
+
+class ModelSettings(_Group):
+    mode: Literal["tracking", "pinned"] = "tracking"
+    poll_interval_s: float = Field(default=5.0, gt=0.0)
+    pin_ref: str = Field(default="production", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    pinned_version: int | None = Field(default=None, ge=0)
+    verify_on_load: bool = True
+
+
+class JobsSettings(_Group):
+    config_file: Path | None = None
+
+
+class LoggingSettings(_Group):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # `format`, not `json`: a field named json would shadow BaseModel.json.
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    """Every serialisable knob of the service. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    admin: AdminSettings = AdminSettings()
+    training: TrainingSettings = TrainingSettings()
+    model: ModelSettings = ModelSettings()
+    jobs: JobsSettings = JobsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    core: CoreConfig = CoreConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only explicit values: files and the environment are layered by load_settings.
+        return (init_settings,)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The standard env source (prefix, nesting, JSON values) over a given mapping."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = dict(environ)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self.case_sensitive:
+            return dict(self._environ)
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: `server.port: Input should be ... (got 'x')`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "<root>"
+        got = err.get("input")
+        secret = any(w in loc for w in ("token", "secret", "key_id"))
+        hidden = secret or isinstance(got, Mapping) or got is None
+        shown = "" if hidden else f" (got {got!r})"
+        lines.append(f"{loc}: {err['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    config_file: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """default.toml, then `config_file`, then `env` (os.environ when None), validated."""
+    data = _read_toml(DEFAULT_TOML)
+    if config_file is not None:
+        data = _deep_merge(data, _read_toml(Path(config_file)))
+    environ = os.environ if env is None else env
+    try:
+        from_env = _MappingEnvSource(Settings, environ)()
+        return Settings(**_deep_merge(data, from_env))
+    except ValidationError as exc:
+        where = f" (files: {DEFAULT_TOML}{', ' + str(config_file) if config_file else ''}; env)"
+        raise SettingsError(f"invalid settings{where}: {format_validation_error(exc)}") from None
+    except ValueError as exc:  # pydantic-settings raises SettingsError(ValueError) on bad env JSON
+        raise SettingsError(f"invalid settings in the environment: {exc}") from None

@@ -1,0 +1,127 @@
+"""The application factory: it only assembles; every part is built or injected here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from config.settings import Settings, StoreSettings
+from server.errors import error_middleware
+from server.keys import (
+    CLOCK_KEY,
+    MARKETDATA_KEY,
+    METRICS_KEY,
+    MODEL_READY_KEY,
+    REGISTRY_KEY,
+    SETTINGS_KEY,
+    STORE_KEY,
+    Clock,
+    ModelReadiness,
+)
+from server.logging import configure_logging, request_context_middleware
+from server.metrics import Metrics, metrics_middleware
+from server.routes import setup_routes
+from storage.marketdata import MarketDataStore
+from storage.objectstore import ObjectStore
+
+
+class StoreConfigError(RuntimeError):
+    """No store could be built from settings (and none was injected)."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def open_store_from_settings(settings: StoreSettings) -> ObjectStore:
+    """The backend `settings.url` names, wrapped in the retry policy from settings."""
+    try:
+        from storage.retry import RetryingStore, RetryPolicy
+        from storage.url import open_store, parse_store_url
+    except ImportError as exc:  # the backends are built beside this module
+        raise StoreConfigError(
+            f"cannot open store {settings.url!r}: storage.url is unavailable ({exc}); "
+            "pass store= to create_app"
+        ) from exc
+    options: dict[str, Any] = {}
+    if parse_store_url(settings.url).scheme == "s3":
+        if settings.s3_endpoint_url is not None:
+            options["endpoint_url"] = settings.s3_endpoint_url
+        if settings.s3_region is not None:
+            options["region_name"] = settings.s3_region
+        if settings.s3_access_key_id is not None and settings.s3_secret_access_key is not None:
+            options["aws_access_key_id"] = settings.s3_access_key_id.get_secret_value()
+            options["aws_secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
+    policy = RetryPolicy(
+        attempts=settings.retry_attempts,
+        base_delay_s=settings.retry_backoff_s,
+        max_delay_s=settings.retry_backoff_max_s,
+    )
+    return RetryingStore(open_store(settings.url, **options), policy=policy)
+
+
+def _close_store(store: ObjectStore, *, owned: bool) -> Callable[[web.Application], Any]:
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        # An injected store belongs to whoever injected it; only close the one we opened.
+        if owned:
+            await store.aclose()
+
+    return store_ctx
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: ObjectStore | None = None,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """Assemble the service; background work joins as cleanup_ctx entries (start, yield, stop)."""
+    owned = store is None
+    if store is None:
+        store = open_store_from_settings(settings.store)
+    clock = clock if clock is not None else utc_now
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[
+            request_context_middleware(),
+            metrics_middleware(metrics),
+            error_middleware(request_timeout_s=settings.server.request_timeout_s),
+        ],
+    )
+    app[SETTINGS_KEY] = settings
+    app[CLOCK_KEY] = clock
+    app[REGISTRY_KEY] = registry
+    app[METRICS_KEY] = metrics
+    app[STORE_KEY] = store
+    app[MARKETDATA_KEY] = MarketDataStore(
+        store,
+        clock=clock,
+        max_future=timedelta(seconds=settings.server.max_future_data_asof_s),
+    )
+    app[MODEL_READY_KEY] = ModelReadiness()
+    app.cleanup_ctx.append(_close_store(store, owned=owned))
+    setup_routes(app)
+    return app
+
+
+def run_app(settings: Settings) -> None:
+    """`spectralmc serve`: configure logging, serve until SIGINT/SIGTERM, then clean up."""
+    configure_logging(settings.logging)
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        access_log=None,  # the request-context middleware writes the access log
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+        print=None,
+    )

@@ -1,0 +1,58 @@
+"""Typed application and request keys: the one place a component is named in app state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from config.settings import Settings
+from server.metrics import Metrics
+from storage.marketdata import MarketDataStore
+from storage.objectstore import ObjectStore
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str
+
+
+ReadyCheck = Callable[[], Readiness]
+
+
+def _no_model() -> Readiness:
+    return Readiness(False, "no model loaded")
+
+
+class ModelReadiness:
+    """The /readyz probe: a callable whose check can be swapped once a model is loaded.
+
+    The app is frozen once it starts, so a cleanup_ctx cannot replace the AppKey's value; it
+    calls `app[MODEL_READY_KEY].set(check)` instead.
+    """
+
+    def __init__(self, check: ReadyCheck = _no_model) -> None:
+        self._check = check
+
+    def set(self, check: ReadyCheck) -> None:
+        self._check = check
+
+    def __call__(self) -> Readiness:
+        return self._check()
+
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+STORE_KEY = web.AppKey("store", ObjectStore)
+MARKETDATA_KEY = web.AppKey("marketdata", MarketDataStore)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+MODEL_READY_KEY = web.AppKey("model_ready", ModelReadiness)
+CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
+
+REQUEST_ID_KEY = web.RequestKey("request_id", str)

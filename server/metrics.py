@@ -1,0 +1,131 @@
+"""Prometheus instruments on a per-app registry and the middleware that feeds the HTTP ones."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every instrument the service exports. HTTP ones are fed here; the rest by their owners."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ns = "spectralmc"
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests handled",
+            ["route", "method", "status"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.http_latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            namespace=ns,
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.valuations = Counter(
+            "valuations",
+            "Valuation requests answered",
+            ["result"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.contracts_priced = Counter(
+            "contracts_priced", "Contracts priced", namespace=ns, registry=registry
+        )
+        self.model_version_info = Gauge(
+            "model_version_info",
+            "The model version serving (value 1)",
+            ["version", "hash"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.model_swaps = Counter(
+            "model_swaps", "Hot swaps of the serving model", namespace=ns, registry=registry
+        )
+        self.training_step = Gauge(
+            "training_step", "Last training step", namespace=ns, registry=registry
+        )
+        self.training_loss = Gauge(
+            "training_loss", "Last training loss", namespace=ns, registry=registry
+        )
+        self.training_validation_error = Gauge(
+            "training_validation_error", "Last validation error", namespace=ns, registry=registry
+        )
+        self.training_samples_per_second = Gauge(
+            "training_samples_per_second",
+            "Monte-Carlo samples per second",
+            namespace=ns,
+            registry=registry,
+        )
+        self.commits = Counter(
+            "commits", "Checkpoint commits by result", ["result"], namespace=ns, registry=registry
+        )
+        self.job_runs = Counter(
+            "job_runs", "Job runs by result", ["job", "result"], namespace=ns, registry=registry
+        )
+        self.job_misses = Counter(
+            "job_misses",
+            "Job runs skipped because the previous one overran",
+            ["job"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.job_lag = Histogram(
+            "job_lag_seconds",
+            "Start delay of a job run after its scheduled time",
+            ["job"],
+            namespace=ns,
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+
+    def set_model_version(self, *, version: int, version_hash: str) -> None:
+        """Exactly one labelled series: the serving version."""
+        self.model_version_info.clear()
+        self.model_version_info.labels(version=str(version), hash=version_hash).set(1)
+
+
+def route_label(request: web.Request) -> str:
+    """The route's canonical path (`/v1/marketdata/{namespace}`): bounded label cardinality."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    return resource.canonical
+
+
+def metrics_middleware(metrics: Metrics) -> Middleware:
+    """Counts and times every request under its route's canonical path and final status."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            route = route_label(request)
+            metrics.http_requests.labels(route, request.method, str(status)).inc()
+            metrics.http_latency.labels(route, request.method).observe(time.perf_counter() - start)
+
+    return middleware
+
+
+def exposition(metrics: Metrics) -> tuple[bytes, str]:
+    """The registry in Prometheus text format, and its content type."""
+    return generate_latest(metrics.registry), CONTENT_TYPE_LATEST

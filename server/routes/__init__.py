@@ -1,0 +1,14 @@
+"""Route modules, one per resource; each exposes `setup_routes(app)`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.routes import health, marketdata
+
+ROUTE_MODULES = (health, marketdata)
+
+
+def setup_routes(app: web.Application) -> None:
+    for module in ROUTE_MODULES:
+        module.setup_routes(app)

@@ -1,0 +1,775 @@
+"""Market data: immutable, bitemporal snapshots keyed by (namespace, val_datetime, data_asof).
+
+Layout on the object store (every segment comes from a validated name or a fixed-width UTC token,
+so no key can escape its prefix):
+
+    marketdata/<namespace>/<val_datetime token>/<data_asof token>.json   snapshot documents
+    marketdata/<namespace>/<val_datetime token>/index.json               committed data_asofs
+
+A snapshot document is the canonical JSON of a `MarketSnapshot`; its content hash is the sha256 of
+those bytes. Writing a snapshot is: put the document with put_if_absent, then append it to the
+index with a compare-and-swap (put_if_absent for the first, put_if_match after). The index update
+is the commit point, so two writers can never both append, and a back-dated write (a data_asof not
+later than every committed one) is refused: it would change what an earlier request resolved to.
+Readers only see documents named by the index and check each one's hash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from storage.objectstore import Conflict, Corrupt, NotFound, ObjectStore, Unavailable
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_TOKEN_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})\.(\d{6})Z$")
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_YEAR = timedelta(days=365)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class MarketDataInvalid(ValueError):
+    """A request is wrong in a way a schema cannot see; `field` names the offending input."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class MarketDataNotFound(NotFound):
+    """A snapshot, curve, surface or underlying is missing; the message names it."""
+
+
+class BackdatedWrite(Conflict):
+    """A data_asof not later than every committed one for its (namespace, val_datetime)."""
+
+
+class DerivedFromMismatch(Conflict):
+    """A derived snapshot's `derived_from` hash differs from the stored source's hash."""
+
+
+# --- field types ----------------------------------------------------------------------------------
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+NonNegativeFinite = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Sha256 = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
+
+
+def _strictly_increasing(values: Sequence[float], what: str) -> None:
+    for i in range(1, len(values)):
+        if not values[i] > values[i - 1]:
+            raise ValueError(
+                f"{what} must be strictly increasing, got {values[i - 1]!r} then {values[i]!r} "
+                f"at index {i}"
+            )
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Curve(_Doc):
+    """Zero rates (continuously compounded) or dividend yields by tenor in years."""
+
+    tenors: list[NonNegativeFinite] = Field(min_length=1, max_length=1000)
+    rates: list[Finite] = Field(min_length=1, max_length=1000)
+    interpolation: Literal["linear_rate", "linear_rt"] = "linear_rate"
+
+    @model_validator(mode="after")
+    def _check(self) -> Curve:
+        if len(self.tenors) != len(self.rates):
+            raise ValueError(
+                f"tenors ({len(self.tenors)}) and rates ({len(self.rates)}) differ in length"
+            )
+        _strictly_increasing(self.tenors, "tenors")
+        return self
+
+
+class VolSurface(_Doc):
+    """Implied vols on expiries x (absolute strikes | log-moneyness ln(K / F(T)))."""
+
+    expiries: list[PositiveFinite] = Field(min_length=1, max_length=500)
+    strikes: list[PositiveFinite] | None = Field(default=None, min_length=1, max_length=500)
+    log_moneyness: list[Finite] | None = Field(default=None, min_length=1, max_length=500)
+    vols: list[list[PositiveFinite]] = Field(min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _check(self) -> VolSurface:
+        if (self.strikes is None) == (self.log_moneyness is None):
+            raise ValueError("give exactly one of strikes or log_moneyness")
+        axis = self.axis_values
+        _strictly_increasing(self.expiries, "expiries")
+        _strictly_increasing(axis, self.axis)
+        if len(self.vols) != len(self.expiries):
+            raise ValueError(
+                f"vols has {len(self.vols)} rows, expected one per expiry ({len(self.expiries)})"
+            )
+        for i, row in enumerate(self.vols):
+            if len(row) != len(axis):
+                raise ValueError(f"vols[{i}] has {len(row)} values, expected {len(axis)}")
+        return self
+
+    @property
+    def axis(self) -> Literal["strikes", "log_moneyness"]:
+        return "strikes" if self.strikes is not None else "log_moneyness"
+
+    @property
+    def axis_values(self) -> list[float]:
+        values = self.strikes if self.strikes is not None else self.log_moneyness
+        assert values is not None
+        return values
+
+
+class Fixing(_Doc):
+    at: UtcDatetime
+    value: Finite
+
+
+class DerivedFrom(_Doc):
+    """The source snapshot a derived snapshot was built from, pinned by its content hash."""
+
+    namespace: Name
+    val_datetime: UtcDatetime
+    data_asof: UtcDatetime
+    hash: Sha256
+
+
+class MarketData(_Doc):
+    """The market content of a snapshot."""
+
+    spots: dict[Name, PositiveFinite] = Field(default_factory=dict)
+    fixings: dict[Name, list[Fixing]] = Field(default_factory=dict)
+    zero_curves: dict[Name, Curve] = Field(default_factory=dict)
+    discount_curve: Name | None = None
+    dividend_curves: dict[Name, Curve] = Field(default_factory=dict)
+    vol_surfaces: dict[Name, VolSurface] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> MarketData:
+        if not (
+            self.spots
+            or self.fixings
+            or self.zero_curves
+            or self.vol_surfaces
+            or self.dividend_curves
+        ):
+            raise ValueError("a snapshot must carry some market data")
+        if self.discount_curve is not None and self.discount_curve not in self.zero_curves:
+            raise ValueError(f"discount_curve {self.discount_curve!r} is not in zero_curves")
+        if self.discount_curve is None and len(self.zero_curves) > 1:
+            raise ValueError("discount_curve is required when there is more than one zero curve")
+        for name, series in self.fixings.items():
+            _strictly_increasing([f.at.timestamp() for f in series], f"fixings.{name} dates")
+        for u, surface in self.vol_surfaces.items():
+            if surface.log_moneyness is None:
+                continue
+            # ln(K / F(T)) needs the forward: spot, discount curve and dividend curve.
+            missing = [
+                what
+                for what, ok in (
+                    (f"spots.{u}", u in self.spots),
+                    ("a zero curve", bool(self.zero_curves)),
+                    (f"dividend_curves.{u}", u in self.dividend_curves),
+                )
+                if not ok
+            ]
+            if missing:
+                raise ValueError(
+                    f"vol_surfaces.{u} is on log-moneyness and needs {', '.join(missing)}"
+                )
+        return self
+
+
+class SnapshotBody(MarketData):
+    """What a client writes: the market content, when it was known, and its source if derived."""
+
+    data_asof: UtcDatetime
+    derived_from: DerivedFrom | None = None
+
+
+class MarketSnapshot(SnapshotBody):
+    """The stored document: the body plus its key."""
+
+    format_version: Literal[1] = 1
+    namespace: Name
+    val_datetime: UtcDatetime
+
+
+class _IndexEntry(_Doc):
+    data_asof: UtcDatetime
+    hash: Sha256
+
+
+class _Index(_Doc):
+    format_version: Literal[1] = 1
+    namespace: Name
+    val_datetime: UtcDatetime
+    entries: list[_IndexEntry]
+
+
+# --- canonical form, keys -----------------------------------------------------------------------
+
+
+def canonical_json(model: BaseModel) -> bytes:
+    """Sorted keys, no whitespace, UTC datetimes, shortest round-trip floats, no NaN."""
+    return json.dumps(
+        model.model_dump(mode="json"),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    ).encode()
+
+
+def content_hash(snapshot: MarketSnapshot) -> str:
+    """sha256 of the snapshot's canonical JSON (exactly the stored bytes)."""
+    return hashlib.sha256(canonical_json(snapshot)).hexdigest()
+
+
+def check_name(value: str, *, field: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise MarketDataInvalid(
+            field, f"{value!r} is not a valid name (letters, digits, '.', '_', '-'; at most 128)"
+        )
+    return value
+
+
+def parse_aware_datetime(text: str, *, field: str) -> datetime:
+    """ISO-8601 with a timezone (or 'Z'), normalised to UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise MarketDataInvalid(field, f"{text!r} is not an ISO-8601 datetime") from None
+    return require_aware(value, field=field)
+
+
+def require_aware(value: datetime, *, field: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise MarketDataInvalid(field, f"{value.isoformat()} has no timezone")
+    return value.astimezone(UTC)
+
+
+def datetime_token(value: datetime) -> str:
+    """Fixed-width UTC token (`20240628T160000.000000Z`): lexical order is time order."""
+    d = require_aware(value, field="datetime")
+    return (
+        f"{d.year:04d}{d.month:02d}{d.day:02d}T{d.hour:02d}{d.minute:02d}{d.second:02d}"
+        f".{d.microsecond:06d}Z"
+    )
+
+
+def format_utc(value: datetime) -> str:
+    """ISO-8601 in UTC with a 'Z', the form stored documents use."""
+    return require_aware(value, field="datetime").isoformat().replace("+00:00", "Z")
+
+
+def parse_datetime_token(token: str) -> datetime:
+    m = _TOKEN_RE.match(token)
+    if m is None:
+        raise ValueError(f"{token!r} is not a datetime token")
+    year, month, day, hour, minute, second, micro = (int(g) for g in m.groups())
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
+
+
+def year_fraction_act365(*, start: datetime, end: datetime) -> float:
+    """ACT/365 fixed: elapsed time in days (with the time of day) over 365; signed."""
+    a = require_aware(start, field="start")
+    b = require_aware(end, field="end")
+    return (b - a) / _YEAR
+
+
+# --- interpolation (pure, batch-shaped) ---------------------------------------------------------
+
+
+def _as_query(values: npt.ArrayLike, *, field: str, positive: bool) -> npt.NDArray[np.float64]:
+    q = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(q)):
+        raise MarketDataInvalid(field, f"must be finite, got {values!r}")
+    if positive and np.any(q <= 0.0):
+        raise MarketDataInvalid(field, f"must be > 0, got {values!r}")
+    if not positive and np.any(q < 0.0):
+        raise MarketDataInvalid(field, f"must be >= 0, got {values!r}")
+    return q
+
+
+def interpolate_curve(
+    *,
+    tenors: npt.ArrayLike,
+    rates: npt.ArrayLike,
+    rule: Literal["linear_rate", "linear_rt"],
+    t: npt.ArrayLike,
+) -> npt.NDArray[np.float64]:
+    """Rate at each t (years, >= 0): linear in r or in r*t between pillars, flat outside."""
+    tn = np.asarray(tenors, dtype=np.float64)  # (n,)
+    rn = np.asarray(rates, dtype=np.float64)  # (n,)
+    tq = _as_query(t, field="T", positive=False)  # (...)
+    # Flat extrapolation: clamp to the pillar range, so outside it the end rates apply.
+    tc = np.clip(tq, tn[0], tn[-1])
+    if rule == "linear_rate":
+        return np.interp(tc, tn, rn)
+    if rule == "linear_rt":
+        rt = np.interp(tc, tn, rn * tn)
+        # tc == 0 only when the first pillar is at 0; its rate is the limit there.
+        safe = np.where(tc > 0.0, tc, 1.0)
+        return np.where(tc > 0.0, rt / safe, rn[0])
+    raise MarketDataInvalid("interpolation", f"unknown rule {rule!r}")
+
+
+def _bracket(
+    grid: npt.NDArray[np.float64], q: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """Indices lo, hi and weight w of q (inside the grid) so q = (1-w) g[lo] + w g[hi]."""
+    n = grid.shape[0]
+    if n == 1:
+        zero = np.zeros(q.shape, dtype=np.intp)
+        return zero, zero, np.zeros(q.shape, dtype=np.float64)
+    lo = np.clip(np.searchsorted(grid, q, side="right") - 1, 0, n - 2)
+    hi = lo + 1
+    w = (q - grid[lo]) / (grid[hi] - grid[lo])
+    return lo, hi, w
+
+
+def interpolate_vol(
+    *,
+    expiries: npt.ArrayLike,
+    axis: npt.ArrayLike,
+    vols: npt.ArrayLike,
+    t: npt.ArrayLike,
+    x: npt.ArrayLike,
+) -> npt.NDArray[np.float64]:
+    """Implied vol at (t, x): bilinear in (expiry, axis) on total variance sigma^2 t.
+
+    Outside the grid the vol is flat: the query is clamped to the grid's edges in both axes.
+    """
+    te = np.asarray(expiries, dtype=np.float64)  # (E,)
+    xa = np.asarray(axis, dtype=np.float64)  # (A,)
+    sv = np.asarray(vols, dtype=np.float64)  # (E, A)
+    tq, xq = np.broadcast_arrays(
+        _as_query(t, field="T", positive=True), np.asarray(x, dtype=np.float64)
+    )  # (...), (...)
+    if not np.all(np.isfinite(xq)):
+        raise MarketDataInvalid("strike", f"must be finite, got {x!r}")
+    tc = np.clip(tq, te[0], te[-1])
+    xc = np.clip(xq, xa[0], xa[-1])
+    w = sv * sv * te[:, None]  # (E, A) total variance
+    i0, i1, a = _bracket(te, tc)
+    j0, j1, b = _bracket(xa, xc)
+    wq = (1 - a) * ((1 - b) * w[i0, j0] + b * w[i0, j1]) + a * ((1 - b) * w[i1, j0] + b * w[i1, j1])
+    return np.sqrt(wq / tc)
+
+
+# --- lookups for valuation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A market value and where it came from, for reproducible valuation reports."""
+
+    value: float
+    source: str
+
+
+def _where(q: float, lo: float, hi: float, *, what: str) -> str:
+    if q < lo:
+        return f" (flat extrapolation below {what} {lo:g})"
+    if q > hi:
+        return f" (flat extrapolation above {what} {hi:g})"
+    return ""
+
+
+class MarketView:
+    """Read-only lookups on one snapshot; each answer names its source."""
+
+    def __init__(self, snapshot: MarketSnapshot, *, content_hash: str | None = None) -> None:
+        self.snapshot = snapshot
+        self.content_hash = content_hash
+
+    @property
+    def val_datetime(self) -> datetime:
+        return self.snapshot.val_datetime
+
+    @property
+    def data_asof(self) -> datetime:
+        return self.snapshot.data_asof
+
+    def year_fraction(self, expiry: datetime) -> float:
+        """ACT/365 from val_datetime to `expiry`; an expiry before val_datetime is an error."""
+        tau = year_fraction_act365(start=self.snapshot.val_datetime, end=expiry)
+        if tau < 0.0:
+            raise MarketDataInvalid(
+                "expiry",
+                f"{require_aware(expiry, field='expiry').isoformat()} is before val_datetime "
+                f"{self.snapshot.val_datetime.isoformat()}",
+            )
+        return tau
+
+    def spot(self, underlying: str) -> Quote:
+        try:
+            value = self.snapshot.spots[underlying]
+        except KeyError:
+            raise MarketDataNotFound(
+                self._missing("spot", underlying, self.snapshot.spots)
+            ) from None
+        return Quote(value, f"spot {underlying}")
+
+    def zero_rate(self, T: float, *, curve: str | None = None) -> Quote:
+        name = curve if curve is not None else self._discount_curve_name()
+        try:
+            c = self.snapshot.zero_curves[name]
+        except KeyError:
+            raise MarketDataNotFound(
+                self._missing("zero_curve", name, self.snapshot.zero_curves)
+            ) from None
+        return self._curve_quote("zero_curve", name, c, T)
+
+    def discount_factor(self, T: float, *, curve: str | None = None) -> Quote:
+        r = self.zero_rate(T, curve=curve)
+        return Quote(math.exp(-r.value * T), f"exp(-r T) from {r.source}")
+
+    def dividend_yield(self, underlying: str, T: float) -> Quote:
+        try:
+            c = self.snapshot.dividend_curves[underlying]
+        except KeyError:
+            raise MarketDataNotFound(
+                self._missing("dividend_curve", underlying, self.snapshot.dividend_curves)
+            ) from None
+        return self._curve_quote("dividend_curve", underlying, c, T)
+
+    def forward(self, underlying: str, T: float) -> Quote:
+        s = self.spot(underlying)
+        r = self.zero_rate(T)
+        q = self.dividend_yield(underlying, T)
+        value = s.value * math.exp((r.value - q.value) * T)
+        return Quote(value, f"{s.source} * exp((r - q) T); r: {r.source}; q: {q.source}")
+
+    def vol(self, underlying: str, T: float, K: float) -> Quote:
+        try:
+            surface = self.snapshot.vol_surfaces[underlying]
+        except KeyError:
+            raise MarketDataNotFound(
+                self._missing("vol_surface", underlying, self.snapshot.vol_surfaces)
+            ) from None
+        if not (math.isfinite(K) and K > 0.0):
+            raise MarketDataInvalid("K", f"strike must be finite and > 0, got {K!r}")
+        axis = surface.axis_values
+        if surface.strikes is not None:
+            x, label, extra = K, f"K={K:g}", ""
+        else:
+            fwd = self.forward(underlying, T)
+            x = math.log(K / fwd.value)
+            label, extra = f"ln(K/F)={x:.6g}", f"; F: {fwd.source}"
+        value = float(
+            interpolate_vol(expiries=surface.expiries, axis=axis, vols=surface.vols, t=T, x=x)
+        )
+        where = _where(T, surface.expiries[0], surface.expiries[-1], what="expiry") + _where(
+            x, axis[0], axis[-1], what=surface.axis
+        )
+        return Quote(
+            value,
+            f"vol_surface {underlying} {surface.axis} bilinear total variance at T={T:g} "
+            f"{label}{where}{extra}",
+        )
+
+    def _discount_curve_name(self) -> str:
+        snap = self.snapshot
+        if snap.discount_curve is not None:
+            return snap.discount_curve
+        if len(snap.zero_curves) == 1:
+            return next(iter(snap.zero_curves))
+        raise MarketDataNotFound("zero_curve: the snapshot has no zero curve")
+
+    def _curve_quote(self, kind: str, name: str, c: Curve, T: float) -> Quote:
+        value = float(interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=T))
+        where = _where(T, c.tenors[0], c.tenors[-1], what="tenor")
+        return Quote(value, f"{kind} {name} {c.interpolation} at T={T:g}{where}")
+
+    def _missing(self, kind: str, name: str, present: dict[str, Any]) -> str:
+        known = ", ".join(sorted(present)[:20]) or "none"
+        return (
+            f"{kind} {name!r} is not in snapshot {self.snapshot.namespace}/"
+            f"{self.snapshot.val_datetime.isoformat()} as of {self.snapshot.data_asof.isoformat()} "
+            f"(has: {known})"
+        )
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    key: str
+    content_hash: str
+    snapshot: MarketSnapshot
+    created: bool = True
+
+    def view(self) -> MarketView:
+        return MarketView(self.snapshot, content_hash=self.content_hash)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MarketDataStore:
+    """Append-only snapshots on an ObjectStore; resolution by greatest data_asof <= requested."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        max_future: timedelta = timedelta(minutes=5),
+        prefix: str = "marketdata",
+        max_attempts: int = 16,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if max_future < timedelta(0):
+            raise ValueError(f"max_future must be >= 0, got {max_future}")
+        self._store = store
+        self._clock = clock
+        self._max_future = max_future
+        self._prefix = check_name(prefix, field="prefix")
+        self._max_attempts = max_attempts
+
+    # keys are built only from checked names and tokens
+    def _dir(self, namespace: str, val_datetime: datetime) -> str:
+        ns = check_name(namespace, field="namespace")
+        return f"{self._prefix}/{ns}/{datetime_token(val_datetime)}"
+
+    def snapshot_key(self, *, namespace: str, val_datetime: datetime, data_asof: datetime) -> str:
+        return f"{self._dir(namespace, val_datetime)}/{datetime_token(data_asof)}.json"
+
+    def _index_key(self, namespace: str, val_datetime: datetime) -> str:
+        return f"{self._dir(namespace, val_datetime)}/index.json"
+
+    async def put(
+        self, *, namespace: str, val_datetime: datetime, body: SnapshotBody
+    ) -> StoredSnapshot:
+        """Append a snapshot; BackdatedWrite unless its data_asof is later than every other.
+
+        Re-sending a committed snapshot (same data_asof, same content) is not an error: it
+        returns the stored one with `created=False`, so a client may retry safely.
+        """
+        check_name(namespace, field="namespace")
+        vdt = require_aware(val_datetime, field="val_datetime")
+        now = require_aware(self._clock(), field="clock")
+        if body.data_asof > now + self._max_future:
+            raise MarketDataInvalid(
+                "data_asof",
+                f"{body.data_asof.isoformat()} is in the future (server time {now.isoformat()})",
+            )
+        for name, series in body.fixings.items():
+            for i, fixing in enumerate(series):
+                if fixing.at > vdt:
+                    raise MarketDataInvalid(
+                        f"fixings.{name}.{i}.at",
+                        f"{fixing.at.isoformat()} is after val_datetime {vdt.isoformat()}",
+                    )
+        snapshot = MarketSnapshot.model_validate(
+            {**body.model_dump(), "namespace": namespace, "val_datetime": vdt}
+        )
+        if snapshot.derived_from is not None:
+            await self._check_source(snapshot.derived_from, snapshot.data_asof)
+        data = canonical_json(snapshot)
+        digest = hashlib.sha256(data).hexdigest()
+        key = self.snapshot_key(namespace=namespace, val_datetime=vdt, data_asof=snapshot.data_asof)
+        index_key = self._index_key(namespace, vdt)
+        wrote_document = False
+        for _ in range(self._max_attempts):
+            index, etag = await self._read_index(namespace, vdt)
+            entries = index.entries if index is not None else []
+            if entries and snapshot.data_asof <= entries[-1].data_asof:
+                same = [e for e in entries if e.data_asof == snapshot.data_asof]
+                if same and same[0].hash == digest:
+                    return StoredSnapshot(key, digest, snapshot, created=False)
+                if wrote_document and not same:
+                    # Ours is an uncommitted orphan nobody can commit any more (asof <= last).
+                    await self._store.delete(key)
+                raise BackdatedWrite(
+                    f"data_asof {snapshot.data_asof.isoformat()} for {namespace}/"
+                    f"{vdt.isoformat()} is not later than the latest committed "
+                    f"{entries[-1].data_asof.isoformat()}; market data is append-only"
+                )
+            if not wrote_document:
+                await self._put_document(key, data, digest)
+                wrote_document = True
+            new_index = _Index(
+                namespace=namespace,
+                val_datetime=vdt,
+                entries=[*entries, _IndexEntry(data_asof=snapshot.data_asof, hash=digest)],
+            )
+            try:
+                if etag is None:
+                    await self._store.put_if_absent(index_key, canonical_json(new_index))
+                else:
+                    await self._store.put_if_match(index_key, canonical_json(new_index), etag)
+            except (Conflict, NotFound):
+                continue  # another writer committed first: re-read and re-check
+            return StoredSnapshot(key, digest, snapshot, created=True)
+        raise Unavailable(
+            f"{index_key} kept changing under {self._max_attempts} attempts to append; retry"
+        )
+
+    async def _put_document(self, key: str, data: bytes, digest: str) -> None:
+        try:
+            await self._store.put_if_absent(key, data)
+        except Conflict:
+            existing = await self._store.get(key)
+            if hashlib.sha256(existing.data).hexdigest() != digest:
+                raise Conflict(
+                    f"{key} holds a different uncommitted snapshot (an abandoned or concurrent "
+                    "write); use a later data_asof"
+                ) from None
+
+    async def _check_source(self, ref: DerivedFrom, data_asof: datetime) -> None:
+        if ref.data_asof > data_asof:
+            raise MarketDataInvalid(
+                "derived_from.data_asof",
+                f"{ref.data_asof.isoformat()} is later than the snapshot's data_asof "
+                f"{data_asof.isoformat()}",
+            )
+        source = await self.get_exact(
+            namespace=ref.namespace, val_datetime=ref.val_datetime, data_asof=ref.data_asof
+        )
+        if source.content_hash != ref.hash:
+            raise DerivedFromMismatch(
+                f"derived_from.hash {ref.hash} does not match the stored source {source.key} "
+                f"(hash {source.content_hash})"
+            )
+
+    async def _read_index(
+        self, namespace: str, val_datetime: datetime
+    ) -> tuple[_Index | None, str | None]:
+        key = self._index_key(namespace, val_datetime)
+        try:
+            obj = await self._store.get(key)
+        except NotFound:
+            return None, None
+        try:
+            index = _Index.model_validate_json(obj.data)
+        except ValidationError as exc:
+            raise Corrupt(
+                f"{key} is not a valid market data index: {exc.error_count()} errors"
+            ) from None
+        if index.namespace != namespace or index.val_datetime != val_datetime:
+            raise Corrupt(f"{key} names {index.namespace}/{index.val_datetime.isoformat()}")
+        return index, obj.etag
+
+    async def _load(
+        self, namespace: str, val_datetime: datetime, entry: _IndexEntry
+    ) -> StoredSnapshot:
+        key = self.snapshot_key(
+            namespace=namespace, val_datetime=val_datetime, data_asof=entry.data_asof
+        )
+        try:
+            obj = await self._store.get(key)
+        except NotFound:
+            raise Corrupt(f"{key} is committed in the index but missing") from None
+        digest = hashlib.sha256(obj.data).hexdigest()
+        if digest != entry.hash:
+            raise Corrupt(f"{key} has hash {digest}, the index says {entry.hash}")
+        try:
+            snapshot = MarketSnapshot.model_validate_json(obj.data)
+        except ValidationError as exc:
+            raise Corrupt(f"{key} is not a valid snapshot: {exc.error_count()} errors") from None
+        if (snapshot.namespace, snapshot.val_datetime, snapshot.data_asof) != (
+            namespace,
+            val_datetime,
+            entry.data_asof,
+        ):
+            raise Corrupt(f"{key} holds a snapshot for another key")
+        return StoredSnapshot(key, digest, snapshot, created=False)
+
+    def _describe(self, namespace: str, val_datetime: datetime) -> str:
+        return f"namespace {namespace!r} val_datetime {val_datetime.isoformat()}"
+
+    async def resolve(
+        self, *, namespace: str, val_datetime: datetime, data_asof: datetime | None = None
+    ) -> StoredSnapshot:
+        """The snapshot with the greatest data_asof <= `data_asof` (default: the clock's now)."""
+        vdt = require_aware(val_datetime, field="val_datetime")
+        asof = require_aware(self._clock() if data_asof is None else data_asof, field="data_asof")
+        index, _ = await self._read_index(namespace, vdt)
+        if index is None or not index.entries:
+            raise MarketDataNotFound(f"no market data for {self._describe(namespace, vdt)}")
+        stamps = [e.data_asof for e in index.entries]
+        pos = bisect.bisect_right(stamps, asof)
+        if pos == 0:
+            raise MarketDataNotFound(
+                f"no market data for {self._describe(namespace, vdt)} known as of "
+                f"{asof.isoformat()}; the earliest data_asof is {stamps[0].isoformat()}"
+            )
+        return await self._load(namespace, vdt, index.entries[pos - 1])
+
+    async def get_exact(
+        self, *, namespace: str, val_datetime: datetime, data_asof: datetime
+    ) -> StoredSnapshot:
+        vdt = require_aware(val_datetime, field="val_datetime")
+        asof = require_aware(data_asof, field="data_asof")
+        index, _ = await self._read_index(namespace, vdt)
+        for entry in index.entries if index is not None else []:
+            if entry.data_asof == asof:
+                return await self._load(namespace, vdt, entry)
+        raise MarketDataNotFound(
+            f"no snapshot for {self._describe(namespace, vdt)} with data_asof {asof.isoformat()}"
+        )
+
+    async def list_data_asofs(self, *, namespace: str, val_datetime: datetime) -> list[datetime]:
+        vdt = require_aware(val_datetime, field="val_datetime")
+        index, _ = await self._read_index(namespace, vdt)
+        return [e.data_asof for e in index.entries] if index is not None else []
+
+    async def list_val_datetimes(
+        self, *, namespace: str, limit: int, after: datetime | None = None
+    ) -> tuple[list[datetime], bool]:
+        """Val datetimes with committed data, ascending, at most `limit`; and whether more exist."""
+        if limit < 1:
+            raise MarketDataInvalid("limit", f"must be >= 1, got {limit}")
+        start = require_aware(after, field="after") if after is not None else None
+        prefix = f"{self._prefix}/{check_name(namespace, field='namespace')}/"
+        found: list[datetime] = []
+        for key in await self._store.list(prefix):
+            parts = key[len(prefix) :].split("/")
+            if len(parts) != 2 or parts[1] != "index.json":
+                continue
+            try:
+                vdt = parse_datetime_token(parts[0])
+            except ValueError:
+                continue  # not ours: foreign keys under the prefix are ignored
+            if start is None or vdt > start:
+                found.append(vdt)
+        found.sort()
+        return found[:limit], len(found) > limit
