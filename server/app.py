@@ -12,19 +12,26 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings, StoreSettings
 from server.errors import error_middleware
 from server.keys import (
+    CHAIN_KEY,
     CLOCK_KEY,
     MARKETDATA_KEY,
     METRICS_KEY,
+    MODEL_KEY,
     MODEL_READY_KEY,
     REGISTRY_KEY,
     SETTINGS_KEY,
     STORE_KEY,
+    WORKER_KEY,
     Clock,
     ModelReadiness,
+    Readiness,
 )
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
+from server.model import ModelInfo, ModelService
+from server.worker import TrainingWorker
 from server.routes import setup_routes
+from storage.chain import VersionChain
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
 
@@ -74,6 +81,50 @@ def _close_store(store: ObjectStore, *, owned: bool) -> Callable[[web.Applicatio
     return store_ctx
 
 
+def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) -> ModelService:
+    m = settings.model
+    fixed: int | str | None = None
+    if m.mode == "pinned":
+        fixed = m.pinned_version if m.pinned_version is not None else m.pin_ref
+
+    def on_swap(info: ModelInfo) -> None:
+        metrics.set_model_version(version=info.counter, version_hash=info.version_hash)
+        metrics.model_swaps.inc()
+
+    def on_batch(requests: int, rows: int) -> None:
+        metrics.contracts_priced.inc(rows)
+
+    return ModelService(
+        chain, poll_interval=m.poll_interval_s, fixed_target=fixed, on_swap=on_swap, on_batch=on_batch
+    )
+
+
+async def _serve_models(app: web.Application) -> AsyncIterator[None]:
+    """Load the wanted model version (tracking or pinned) and keep it current."""
+    service = app[MODEL_KEY]
+    await service.start()
+
+    def ready() -> Readiness:
+        cur = service.current
+        if cur is None:
+            return Readiness(False, service.client.last_error or "no model version committed yet")
+        return Readiness(True, f"serving version {cur.counter} ({cur.mode})")
+
+    app[MODEL_READY_KEY].set(ready)
+    yield
+    await service.aclose()
+
+
+async def _train(app: web.Application) -> AsyncIterator[None]:
+    """Continuous training in its own thread; on shutdown: stop, final commit, wait for it."""
+    worker = app[WORKER_KEY]
+    if worker is not None:
+        await worker.start()
+    yield
+    if worker is not None:
+        await worker.stop()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -108,7 +159,13 @@ def create_app(
         max_future=timedelta(seconds=settings.server.max_future_data_asof_s),
     )
     app[MODEL_READY_KEY] = ModelReadiness()
+    chain = VersionChain(store, clock=clock)
+    app[CHAIN_KEY] = chain
+    app[MODEL_KEY] = _model_service(settings, chain, metrics)
     app.cleanup_ctx.append(_close_store(store, owned=owned))
+    app[WORKER_KEY] = TrainingWorker(settings, chain, metrics) if settings.training.enabled else None
+    app.cleanup_ctx.append(_serve_models)
+    app.cleanup_ctx.append(_train)
     setup_routes(app)
     return app
 

@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from server.metrics import Metrics
+from server.model import ModelService
+from server.worker import TrainingWorker
+from storage.chain import VersionChain
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
 
@@ -54,5 +57,9 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MODEL_READY_KEY = web.AppKey("model_ready", ModelReadiness)
 CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
+CHAIN_KEY = web.AppKey("chain", VersionChain)
+MODEL_KEY = web.AppKey("model", ModelService)
+# None when settings.training.enabled is false.
+WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.routes import health, marketdata
+from server.routes import admin, health, marketdata
 
-ROUTE_MODULES = (health, marketdata)
+ROUTE_MODULES = (health, marketdata, admin)
 
 
 def setup_routes(app: web.Application) -> None:

@@ -1,0 +1,132 @@
+"""Admin API: model pinning and training control, behind a bearer token.
+
+Every change is written to the chain's append-only audit log (pins through the ref machinery,
+training actions as plain audit entries), so `spectralmc store log` shows who did what and when.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.errors import read_json
+from server.keys import CHAIN_KEY, MODEL_KEY, SETTINGS_KEY, WORKER_KEY
+
+_ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class PinBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Annotated[int, Field(ge=1, le=9_999_999_999)] | None = None
+    ref: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PinBody:
+        if (self.version is None) == (self.ref is None):
+            raise ValueError("give exactly one of version or ref")
+        return self
+
+
+def _unauthorized(detail: str) -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(
+        text=detail, headers={"WWW-Authenticate": 'Bearer realm="spectralmc-admin"'}
+    )
+
+
+def require_admin(request: web.Request) -> str:
+    """Check the bearer token (constant-time); return the actor for the audit log."""
+    token = request.app[SETTINGS_KEY].admin.token
+    if token is None:
+        raise _unauthorized("admin API disabled: no admin token is configured")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise _unauthorized("missing or malformed bearer token")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise _unauthorized("invalid bearer token")
+    actor = request.headers.get("X-Actor", "admin")
+    return f"admin:{actor}" if _ACTOR_RE.match(actor) else "admin:invalid-actor-header"
+
+
+async def put_pin(request: web.Request) -> web.Response:
+    actor = require_admin(request)
+    body = await read_json(request, PinBody)
+    service = request.app[MODEL_KEY]
+    target: int | str = body.version if body.version is not None else str(body.ref)
+    counter = await service.pin(target, actor=actor)
+    cur = service.current
+    return web.json_response(
+        {"pinned": counter, "model": None if cur is None else cur.as_json()}
+    )
+
+
+async def delete_pin(request: web.Request) -> web.Response:
+    actor = require_admin(request)
+    service = request.app[MODEL_KEY]
+    old = await service.unpin(actor=actor)
+    cur = service.current
+    return web.json_response({"unpinned": old, "model": None if cur is None else cur.as_json()})
+
+
+async def get_training(request: web.Request) -> web.Response:
+    require_admin(request)
+    worker = request.app[WORKER_KEY]
+    return web.json_response(
+        {
+            "training": worker.status() if worker is not None else {"state": "disabled"},
+            "model": request.app[MODEL_KEY].status(),
+        }
+    )
+
+
+def _worker(request: web.Request):  # type: ignore[no-untyped-def]
+    worker = request.app[WORKER_KEY]
+    if worker is None:
+        raise web.HTTPConflict(text="training is disabled in settings (training.enabled = false)")
+    return worker
+
+
+async def post_pause(request: web.Request) -> web.Response:
+    actor = require_admin(request)
+    worker = _worker(request)
+    worker.pause()
+    await request.app[CHAIN_KEY].append_audit("training.pause", actor=actor)
+    return web.json_response({"training": worker.status()})
+
+
+async def post_resume(request: web.Request) -> web.Response:
+    actor = require_admin(request)
+    worker = _worker(request)
+    worker.resume()
+    await request.app[CHAIN_KEY].append_audit("training.resume", actor=actor)
+    return web.json_response({"training": worker.status()})
+
+
+async def post_commit(request: web.Request) -> web.Response:
+    actor = require_admin(request)
+    worker = _worker(request)
+    try:
+        record = await worker.commit_now(actor=actor)
+    except RuntimeError as exc:
+        raise web.HTTPConflict(text=str(exc)) from None
+    await request.app[CHAIN_KEY].append_audit(
+        "training.commit", actor=actor, new=record.counter, detail={"version_hash": record.version_hash}
+    )
+    return web.json_response(
+        {"committed": {"counter": record.counter, "version_hash": record.version_hash, "message": record.message}},
+        status=201,
+    )
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_put("/v1/admin/model/pin", put_pin, name="admin_pin")
+    app.router.add_delete("/v1/admin/model/pin", delete_pin, name="admin_unpin")
+    app.router.add_get("/v1/admin/training", get_training, name="admin_training")
+    app.router.add_post("/v1/admin/training/pause", post_pause, name="admin_training_pause")
+    app.router.add_post("/v1/admin/training/resume", post_resume, name="admin_training_resume")
+    app.router.add_post("/v1/admin/training/commit", post_commit, name="admin_training_commit")

@@ -1,0 +1,271 @@
+"""The training worker: continuous training in its own thread, resumed from the chain's HEAD.
+
+The event loop never runs training code. The worker thread owns the `Trainer`; commits are handed
+to a `BackgroundCommitter` that runs them on the server's loop (where the store client lives), so
+a slow or dead store never blocks or crashes training. Admin control (pause, resume, commit now)
+and status reads are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from config.settings import Settings
+from server.metrics import Metrics
+from spectral_core.config import CoreConfig
+from spectral_core.snapshot import Snapshot
+from spectral_core.trainer import StepMetrics, Trainer, ValidationMetrics
+from storage.chain import VersionChain, VersionRecord
+from storage.commits import BackgroundCommitter, CommitPlan
+
+log = structlog.get_logger(__name__)
+
+State = Literal["starting", "running", "paused", "finished", "stopped", "error"]
+
+
+class ConfigMismatch(RuntimeError):
+    """The chain's HEAD was trained with a different config than the settings name."""
+
+
+@dataclass
+class _CommitRequest:
+    actor: str
+    future: concurrent.futures.Future[Snapshot]
+
+
+def commit_plan(settings: Settings) -> CommitPlan:
+    c = settings.training.commit
+    if c.kind == "never":
+        return CommitPlan.none()
+    if c.kind == "every_steps":
+        return CommitPlan(kind="every_steps", every=c.every_steps, message=c.message_template)
+    return CommitPlan(kind="every_seconds", every=c.every_seconds, message=c.message_template)
+
+
+def training_config(settings: Settings) -> CoreConfig:
+    """The numerical config with the training device from settings applied."""
+    return settings.core.model_copy(update={"device": settings.training.device})
+
+
+class TrainingWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        chain: VersionChain,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.chain = chain
+        self.metrics = metrics
+        self.config = training_config(settings)
+        self.state: State = "starting"
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.resumed_from: int | None = None
+        self.last_step: StepMetrics | None = None
+        self.last_validation: ValidationMetrics | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._requests: list[_CommitRequest] = []
+        self._thread: threading.Thread | None = None
+        self._committer: BackgroundCommitter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle (event loop side)
+    async def start(self) -> None:
+        """Read HEAD (to resume from it) and start the training thread."""
+        self._loop = asyncio.get_running_loop()
+        snapshot: Snapshot | None = None
+        try:
+            head = await self.chain.head()
+            if head is not None:
+                if head.config_fingerprint not in (None, self.config.fingerprint()):
+                    raise ConfigMismatch(
+                        f"chain HEAD (version {head.counter}) was trained with config "
+                        f"{head.config_fingerprint}, settings give {self.config.fingerprint()}; "
+                        "the stored config wins: use the matching [core] settings or a new store"
+                    )
+                snapshot = await self.chain.load_record(head)
+                self.resumed_from = head.counter
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._committer = BackgroundCommitter(
+            self.chain,
+            commit_plan(self.settings),
+            loop=self._loop,
+            start_step=0 if snapshot is None else int(snapshot.meta["global_step"]),
+        )
+        self._thread = threading.Thread(
+            target=self._run, args=(snapshot,), name="spectralmc-training", daemon=True
+        )
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop training after the current step, make the final commit, wait for it."""
+        self._stop.set()
+        self._running.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._committer is not None:
+            committer = self._committer
+            await asyncio.to_thread(committer.close)
+        if self.state not in ("error", "finished"):
+            self.state = "stopped"
+
+    # ------------------------------------------------------------------ admin
+    def pause(self) -> None:
+        self._running.clear()
+        if self.state == "running":
+            self.state = "paused"
+
+    def resume(self) -> None:
+        self._running.set()
+        if self.state == "paused":
+            self.state = "running"
+
+    async def commit_now(self, *, actor: str, timeout: float = 60.0) -> VersionRecord:
+        """Snapshot at the next step boundary and commit it (awaits the commit)."""
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError(f"training is not running (state {self.state})")
+        fut: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+        with self._lock:
+            self._requests.append(_CommitRequest(actor, fut))
+        snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        step = snapshot.meta["global_step"]
+        record = await self.chain.commit(
+            snapshot,
+            message=f"manual commit by {actor} at step {step}",
+            metrics=self._commit_metrics(),
+        )
+        self.metrics.commits.labels(result="ok").inc()
+        return record
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        s, v = self.last_step, self.last_validation
+        c = self._committer
+        stats = c.stats() if c is not None else {}
+        last = c.last_record if c is not None else None
+        return {
+            "state": self.state,
+            "error": self.error,
+            "device": self.config.device,
+            "config_fingerprint": self.config.fingerprint(),
+            "resumed_from": self.resumed_from,
+            "step": None if s is None else s.step,
+            "loss": None if s is None else s.loss,
+            "lr": None if s is None else s.lr,
+            "samples_per_s": None if s is None else s.samples_per_s,
+            "steps_per_s": None if s is None else s.steps_per_s,
+            "validation": None if v is None else v.as_dict(),
+            "last_commit": None
+            if last is None
+            else {"counter": last.counter, "version_hash": last.version_hash, "created_at": last.created_at},
+            "last_commit_error": None if c is None else c.last_error,
+            "commits_ok": stats.get("commits_ok", 0),
+            "commits_failed": stats.get("commits_failed", 0),
+        }
+
+    # ------------------------------------------------------------------ training thread
+    def _fail(self, exc: BaseException) -> None:
+        self.state = "error"
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.error("training worker failed", error=self.error)
+
+    def _commit_metrics(self) -> dict[str, Any]:
+        s, v = self.last_step, self.last_validation
+        out: dict[str, Any] = {}
+        if s is not None:
+            out.update(step=s.step, loss=s.loss, batch=self.config.train.batch_contracts, lr=s.lr)
+        if v is not None:
+            out.update(
+                val_loss=v.val_loss, val_mean_abs_bp=v.mean_abs_bp, val_max_abs_bp=v.max_abs_bp
+            )
+        return out
+
+    def _on_validation(self, v: ValidationMetrics) -> None:
+        self.last_validation = v
+        self.metrics.training_validation_error.set(v.mean_abs_bp)
+
+    def _run(self, snapshot: Snapshot | None) -> None:
+        try:
+            trainer = Trainer(self.config) if snapshot is None else Trainer.restore(
+                snapshot, device=self.config.device
+            )
+        except Exception as exc:
+            self._fail(exc)
+            return
+        assert self._committer is not None
+        committer = self._committer
+        budget_steps = self.settings.training.max_steps
+        budget_s = self.settings.training.max_seconds
+        self.started_at = time.monotonic()
+        first_step = trainer.global_step
+        self.state = "running" if self._running.is_set() else "paused"
+        seen_ok = seen_failed = 0
+        try:
+            while not self._stop.is_set():
+                self._serve_requests(trainer)
+                if not self._running.wait(timeout=0.2):
+                    continue
+                if self._stop.is_set():
+                    break
+                if (budget_steps is not None and trainer.global_step - first_step >= budget_steps) or (
+                    budget_s is not None and time.monotonic() - self.started_at >= budget_s
+                ):
+                    self.state = "finished"
+                    break
+                m = trainer.step()
+                self.last_step = m
+                self.metrics.training_step.set(m.step)
+                self.metrics.training_loss.set(m.loss if math.isfinite(m.loss) else float("nan"))
+                self.metrics.training_samples_per_second.set(m.samples_per_s)
+                if trainer.global_step % self.config.train.validation_every == 0:
+                    self._on_validation(trainer.validate())
+                committer.maybe_commit(trainer.global_step, trainer.snapshot, self._commit_metrics())
+                seen_ok, seen_failed = self._count_commits(committer, seen_ok, seen_failed)
+            # Final commit of the end state, then wait for it (runs on the server loop).
+            self._serve_requests(trainer)
+            if trainer.global_step > first_step:
+                committer.final(
+                    trainer.snapshot(), metrics=self._commit_metrics(), timeout=self.settings.server.shutdown_timeout_s
+                )
+            self._count_commits(committer, seen_ok, seen_failed)
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            trainer.close()
+            self._cancel_requests()
+
+    def _count_commits(self, c: BackgroundCommitter, ok: int, failed: int) -> tuple[int, int]:
+        if c.commits_ok > ok:
+            self.metrics.commits.labels(result="ok").inc(c.commits_ok - ok)
+        if c.commits_failed > failed:
+            self.metrics.commits.labels(result="error").inc(c.commits_failed - failed)
+        return c.commits_ok, c.commits_failed
+
+    def _serve_requests(self, trainer: Trainer) -> None:
+        with self._lock:
+            reqs, self._requests = self._requests, []
+        for r in reqs:
+            try:
+                r.future.set_result(trainer.snapshot())
+            except Exception as exc:
+                r.future.set_exception(exc)
+
+    def _cancel_requests(self) -> None:
+        with self._lock:
+            reqs, self._requests = self._requests, []
+        for r in reqs:
+            r.future.set_exception(RuntimeError("training stopped"))
