@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/spectralmc train --seconds 60 --out var/checkpoint.sc
+	$(BIN)/spectralmc serve
 
 test: venv
 	$(BIN)/python -m pytest

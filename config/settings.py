@@ -85,7 +85,7 @@ _TEMPLATE_FIELDS = frozenset({"step", "loss", "batch"})
 class CommitPlan(_Group):
     kind: Literal["every_steps", "every_seconds", "never"] = "every_seconds"
     every_steps: int = Field(default=1000, ge=1)
-    every_seconds: float = Field(default=300.0, gt=0.0)
+    every_seconds: float = Field(default=60.0, gt=0.0)
     message_template: str = "step {step} loss {loss} batch {batch}"
 
     @model_validator(mode="after")
