@@ -17,7 +17,7 @@ from spectral_core import cos
 from spectral_core.config import PARAM_NAMES, CoreConfig
 from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
 from spectral_core.snapshot import Snapshot
-from spectral_core.trainer import interval_torch
+from spectral_core.spectrum import truncation_interval
 
 CONTRACT_FIELDS: tuple[str, ...] = ("X0", "K", "T", "r", "d", "v")
 # Request field -> training-domain parameter it is checked against.
@@ -151,7 +151,7 @@ class Pricer:
         with torch.set_grad_enabled(greeks):
             theta = torch.stack([T, r, d, v], dim=-1)
             F = self.spectrum(theta)
-            a, b = interval_torch(theta, L=self.config.spectrum.truncation_L)
+            a, b = truncation_interval(T, r, d, v, L=self.config.spectrum.truncation_L, xp=torch)
             put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
             call = cos.call(F, a, b, S0=X0, K=K, r=r, T=T, d=d)
             disc = torch.exp(-r * T)

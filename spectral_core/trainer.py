@@ -59,14 +59,6 @@ class ValidationMetrics:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def interval_torch(theta: torch.Tensor, *, L: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncation interval [a, b] of DESIGN §3 for theta (B, 4) = (T, r, d, sigma), differentiable."""
-    T, r, d, sigma = theta.unbind(-1)
-    m = (r - d) * T
-    s = sigma * torch.sqrt(T)
-    return m - L * s, m + L * s
-
-
 def make_optimizer(cfg: CoreConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.optimizer == "adam":
@@ -343,8 +335,8 @@ def validation_price_errors_bp(
     """
     theta = theta.to(torch.float64)
     F = F.to(torch.complex128)
-    a, b = interval_torch(theta, L=config.spectrum.truncation_L)
     T, r, d, sigma = theta.unbind(-1)
+    a, b = truncation_interval(T, r, d, sigma, L=config.spectrum.truncation_L, xp=torch)
     ones = torch.ones_like(T)
     errs = []
     for mny in VALIDATION_MONEYNESS:
