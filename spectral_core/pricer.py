@@ -98,7 +98,12 @@ class Pricer:
         cls, snapshot: Snapshot, *, device: str | torch.device = "cpu", reproducible: bool = False
     ) -> Pricer:
         config = CoreConfig.model_validate(snapshot.meta["config"])
-        model = build_model(config.arch, n_freq=config.spectrum.n_freq, dtype=torch.complex64)
+        model = build_model(
+            config.arch,
+            n_freq=config.spectrum.n_freq,
+            dtype=torch.complex64,
+            truncation_L=config.spectrum.truncation_L,
+        )
         state = {k.removeprefix("model."): v for k, v in snapshot.tensors.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         return cls(model, config, device=device, reproducible=reproducible)

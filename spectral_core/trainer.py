@@ -35,6 +35,8 @@ VALIDATION_STREAM = 1
 VALIDATION_SEED_OFFSET = 1_000_003
 # Strikes (as multiples of the forward) at which validation prices are checked.
 VALIDATION_MONEYNESS = (0.7, 0.85, 1.0, 1.15, 1.3)
+# A validation counts as an improvement (early stopping) only if it beats the best by this much.
+EARLY_STOP_MIN_REL_IMPROVEMENT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,10 @@ class Trainer:
         if self.device.type != "cpu":
             raise NotImplementedError("CUDA training goes through CudaBatchMaker; see _make_batch")
         self.model: SpectralCVNN = build_model(
-            config.arch, n_freq=config.spectrum.n_freq, dtype=torch.complex64
+            config.arch,
+            n_freq=config.spectrum.n_freq,
+            dtype=torch.complex64,
+            truncation_L=config.spectrum.truncation_L,
         ).to(self.device)
         self.optimizer = make_optimizer(config, list(self.model.parameters()))
         self.global_step = 0
@@ -128,14 +133,14 @@ class Trainer:
         n = c.train.validation_contracts
         sampler = ContractSampler(c.domain, seed=c.train.seed + VALIDATION_SEED_OFFSET)
         theta = sampler.sample(n)
-        stream = self._normals.stream(VALIDATION_STREAM)
         B = c.train.batch_contracts
         targets = []
-        for lo in range(0, n, B):
-            z = stream.next()
-            chunk = theta[lo : lo + B]
-            F, _ = self._spectrum_targets(chunk, z[: len(chunk)])
-            targets.append(F)
+        with self._normals.stream(VALIDATION_STREAM) as stream:
+            for lo in range(0, n, B):
+                z = stream.next()
+                chunk = theta[lo : lo + B]
+                F, _ = self._spectrum_targets(chunk, z[: len(chunk)])
+                targets.append(F)
         target = torch.from_numpy(np.concatenate(targets)).to(torch.complex64)
         return torch.from_numpy(theta), target
 
@@ -204,7 +209,7 @@ class Trainer:
         )
         if c.optim.schedule == "plateau":
             self.plateau.observe(c.optim, val_loss)
-        if val_loss < self.best_val:
+        if val_loss < self.best_val * (1.0 - EARLY_STOP_MIN_REL_IMPROVEMENT):
             self.best_val = val_loss
             self.evals_without_improvement = 0
         else:
@@ -301,8 +306,8 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
         torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
         self.global_step = int(meta["global_step"])
-        self.sampler.close() if hasattr(self.sampler, "close") else None
         self.sampler = ContractSampler.from_state(config.domain, meta["sampler"])
+        self._stream.close()  # the fresh stream from __init__; reopen at the stored position
         self._stream = self._normals.stream(TRAIN_STREAM, skip=int(meta["normals_position"]))
         self.plateau = PlateauState.from_json(meta["plateau"])
         best = meta.get("best_val")

@@ -640,3 +640,18 @@ def test_learns_gbm_spectrum() -> None:
     f1, p1 = errors()
     assert f1 < f0 / 300, (f0, f1)
     assert p1 < p0 / 100, (p0, p1)
+
+
+def test_gaussian_prior_starts_high_frequencies_near_zero() -> None:
+    from spectral_core.config import ArchConfig, DomainConfig
+
+    arch = ArchConfig(width=16, depth=1)
+    theta = torch.tensor([[0.5, 0.01, 0.02, 0.3], [4.0, 0.08, 0.0, 0.9]], dtype=torch.float64)
+    feats = theta_features(theta, DomainConfig())
+    with_prior = build_model(arch, n_freq=64, truncation_L=10.0)(feats)
+    without = build_model(arch, n_freq=64)(feats)
+    # a standard normal has |F_k| = exp(-(k pi / 20)^2 / 2) < 1e-12 for k >= 48
+    assert with_prior[:, 48:].abs().max() < 1e-10
+    assert without[:, 48:].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="truncation_L"):
+        build_model(arch, n_freq=8, truncation_L=0.0)
