@@ -20,9 +20,9 @@ import torch
 from spectral_core import analytic, cos
 from spectral_core.config import CoreConfig
 from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
-from spectral_core.device import resolve_device
+from spectral_core.device import array_module, resolve_device, to_torch
 from spectral_core.normals import NormalsSource
-from spectral_core.processes.gbm import simulate_log_returns
+from spectral_core.processes.gbm import simulate_log_returns, simulate_log_returns_cuda
 from spectral_core.sampler import ContractSampler
 from spectral_core.schedule import PlateauState, lr_at
 from spectral_core.snapshot import Snapshot
@@ -76,8 +76,8 @@ class Trainer:
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type != "cpu":
-            raise NotImplementedError("CUDA training goes through CudaBatchMaker; see _make_batch")
+        # numpy on CPU, cupy on CUDA: the MC kernel, binning and FFT run where the model trains.
+        self._xp = array_module(self.device)
         self.model: SpectralCVNN = build_model(
             config.arch,
             n_freq=config.spectrum.n_freq,
@@ -98,24 +98,29 @@ class Trainer:
             contracts_per_draw=config.train.batch_contracts,
             seed=config.sim.seed,
             cap_bytes=config.memory.normals_bytes,
+            device=self.device.type,
         )
         self._stream = self._normals.stream(TRAIN_STREAM)
         self._val_theta, self._val_target = self._build_validation_set()
         self._t_last = time.perf_counter()
 
     # ------------------------------------------------------------------ batches
-    def _spectrum_targets(self, theta: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, float]:
-        """MC estimate of F_k for contracts theta (B, 4) from normals z (B, M, steps)."""
-        c = self.config
-        x = simulate_log_returns(
-            theta,
-            z,
-            scheme=c.sim.scheme,
-            moment_matching=c.sim.moment_matching,
-            cap_bytes=c.memory.paths_bytes,
-        )  # (B, M) float64
+    def _spectrum_targets(self, theta: np.ndarray, z: Any) -> tuple[torch.Tensor, float]:
+        """MC estimate of F_k for contracts theta (B, 4) from normals z (B, M, steps).
+
+        On CUDA, z is already a device array and the paths, bins and FFT stay on the device; the
+        target reaches torch by DLPack (no host copy). Returns (B, N) complex128 on self.device.
+        """
+        c, xp = self.config, self._xp
+        kw = dict(scheme=c.sim.scheme, moment_matching=c.sim.moment_matching, cap_bytes=c.memory.paths_bytes)
+        if self.device.type == "cuda":
+            theta_d = xp.asarray(theta)  # (B, 4): the only upload, 32 bytes a contract
+            x = xp.asarray(simulate_log_returns_cuda(theta_d, z, **kw))  # (B, M) float64 on device
+        else:
+            theta_d = theta
+            x = simulate_log_returns(theta, z, **kw)  # (B, M) float64
         a, b = truncation_interval(
-            theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3], L=c.spectrum.truncation_L, xp=np
+            theta_d[:, 0], theta_d[:, 1], theta_d[:, 2], theta_d[:, 3], L=c.spectrum.truncation_L, xp=xp
         )
         est = estimate_spectrum(
             x,
@@ -124,9 +129,9 @@ class Trainer:
             n_freq=c.spectrum.n_freq,
             grid=c.spectrum.grid,
             cap_bytes=c.memory.spectrum_bytes,
-            xp=np,
+            xp=xp,
         )
-        return est.F, float(np.mean(est.truncated_mass))  # (B, N) complex128
+        return to_torch(est.F), float(est.truncated_mass.mean())
 
     def _build_validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -141,7 +146,7 @@ class Trainer:
                 chunk = theta[lo : lo + B]
                 F, _ = self._spectrum_targets(chunk, z[: len(chunk)])
                 targets.append(F)
-        target = torch.from_numpy(np.concatenate(targets)).to(torch.complex64)
+        target = torch.cat(targets).to(self.device, torch.complex64)
         return torch.from_numpy(theta), target
 
     # ------------------------------------------------------------------ training
@@ -156,8 +161,8 @@ class Trainer:
         t0 = time.perf_counter()
         theta = self.sampler.sample(c.train.batch_contracts)  # (B, 4) float64
         z = self._stream.next()  # (B, M, steps) float64
-        F_np, truncated = self._spectrum_targets(theta, z)
-        target = torch.from_numpy(F_np).to(self.device, torch.complex64)
+        F, truncated = self._spectrum_targets(theta, z)
+        target = F.to(torch.complex64)
         features = theta_features(torch.from_numpy(theta).to(self.device, torch.float32), c.domain)
 
         self.model.train()
@@ -258,6 +263,8 @@ class Trainer:
                 else:
                     opt_scalars.setdefault(str(idx), {})[key] = value
         tensors["rng.torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
         meta: dict[str, Any] = {
             "snapshot_format": SNAPSHOT_FORMAT,
             "config": self.config.model_dump(mode="json"),
@@ -305,6 +312,8 @@ class Trainer:
             state.setdefault(int(idx), {}).update(scalars)
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
         torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.torch_cuda" in snapshot.tensors:
+            torch.cuda.set_rng_state(snapshot.tensors["rng.torch_cuda"], self.device)
         self.global_step = int(meta["global_step"])
         self.sampler = ContractSampler.from_state(config.domain, meta["sampler"])
         self._stream.close()  # the fresh stream from __init__; reopen at the stored position
