@@ -11,9 +11,11 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings, StoreSettings
 from server.errors import error_middleware
+from server.jobs import build_scheduler, jobs_ctx
 from server.keys import (
     CHAIN_KEY,
     CLOCK_KEY,
+    JOBS_KEY,
     MARKETDATA_KEY,
     METRICS_KEY,
     MODEL_KEY,
@@ -166,6 +168,9 @@ def create_app(
     app[WORKER_KEY] = TrainingWorker(settings, chain, metrics) if settings.training.enabled else None
     app.cleanup_ctx.append(_serve_models)
     app.cleanup_ctx.append(_train)
+    # Jobs start last and stop first: they use the model service and the store.
+    app[JOBS_KEY] = build_scheduler(app)
+    app.cleanup_ctx.append(jobs_ctx)
     setup_routes(app)
     return app
 

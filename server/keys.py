@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,6 +17,9 @@ from server.worker import TrainingWorker
 from storage.chain import VersionChain
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
+
+if TYPE_CHECKING:  # server.jobs imports this module (through server.errors): no runtime cycle
+    from server.jobs import JobScheduler
 
 Clock = Callable[[], datetime]
 
@@ -61,5 +65,7 @@ CHAIN_KEY = web.AppKey("chain", VersionChain)
 MODEL_KEY = web.AppKey("model", ModelService)
 # None when settings.training.enabled is false.
 WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")
+
+JOBS_KEY: web.AppKey[JobScheduler] = web.AppKey("jobs")
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

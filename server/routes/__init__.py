@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.routes import admin, health, marketdata
+from server.routes import admin, health, jobs, marketdata, price, valuations
 
-ROUTE_MODULES = (health, marketdata, admin)
+ROUTE_MODULES = (health, marketdata, admin, valuations, price, jobs)
 
 
 def setup_routes(app: web.Application) -> None:

@@ -1,0 +1,29 @@
+"""Valuations of instrument books against resolved market data and a named model version."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.errors import read_json
+from server.keys import MARKETDATA_KEY, METRICS_KEY, MODEL_KEY
+from server.routes.price import canonical_response, limits
+from server.valuation import ValuationRequest, check_valuation_request, value_book
+
+
+async def post_valuation(request: web.Request) -> web.Response:
+    counter = request.app[METRICS_KEY].valuations
+    try:
+        req = await read_json(request, ValuationRequest)
+        check_valuation_request(req, limits=limits(request))
+        body = await value_book(
+            req, marketdata=request.app[MARKETDATA_KEY], model=request.app[MODEL_KEY]
+        )
+    except Exception:
+        counter.labels(result="error").inc()
+        raise
+    counter.labels(result="ok").inc()
+    return canonical_response(body)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/valuations", post_valuation, name="valuations")

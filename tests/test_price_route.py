@@ -1,0 +1,156 @@
+"""POST /v1/price: contracts given directly, priced on a real trained model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from spectral_core.pricer import GREEKS, Contracts, Pricer
+from storage.localstore import LocalStore
+from tests.server_fixtures import (
+    Client,
+    check_schema,
+    commit_model,
+    loads,
+    make_settings,
+    start_client,
+    trained_snapshots,
+)
+
+CONTRACTS = [
+    {"X0": 100.0, "K": 90.0, "T": 1.0, "r": 0.02, "d": 0.01, "v": 0.2},
+    {"X0": 100.0, "K": 110.0, "T": 0.5, "r": 0.03, "d": 0.0, "v": 0.3},
+    {"X0": 55.0, "K": 50.0, "T": 2.5, "r": -0.01, "d": 0.05, "v": 0.6},
+]
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, tmp_path: Path) -> Client:
+    store = LocalStore(tmp_path / "store")
+    await commit_model(store)
+    return await start_client(
+        aiohttp_client, store=store, settings=make_settings(max_instruments=8)
+    )
+
+
+async def price(client: Client, body: dict[str, Any], status: int = 200) -> Any:
+    resp = await client.post("/v1/price", json=body)
+    raw = await resp.read()
+    assert resp.status == status, raw.decode()
+    return loads(raw)
+
+
+def library_prices(*, greeks: bool, metrics: bool) -> dict[str, np.ndarray]:
+    """The same snapshot priced by the library directly (float64, batch-invariant)."""
+    snapshot, _ = trained_snapshots()[0]
+    pricer = Pricer.from_snapshot(snapshot, reproducible=True)
+    cols = {k: [c[k] for c in CONTRACTS] for k in CONTRACTS[0]}
+    return pricer.price(Contracts.from_columns(cols), greeks=greeks, metrics=metrics)
+
+
+async def test_answers_equal_the_library_pricer(client: Client) -> None:
+    body = await price(client, {"contracts": CONTRACTS, "greeks": True, "metrics": True})
+    check_schema(body, "PriceResult")
+    assert body["model"]["counter"] == 1 and body["model"]["mode"] == "tracking"
+    want = library_prices(greeks=True, metrics=True)
+    for i, row in enumerate(body["contracts"]):
+        assert row["inputs"] == CONTRACTS[i]
+        for key in (
+            "put",
+            "call",
+            "put_intrinsic",
+            "call_intrinsic",
+            "put_convexity",
+            "call_convexity",
+            "digital_call",
+            "digital_put",
+            "forward",
+        ):
+            assert row[key] == pytest.approx(float(want[key][i]), rel=1e-12, abs=1e-12), key
+        for kind in ("put", "call"):
+            for g in GREEKS:
+                got = row["greeks"][kind][g]
+                assert got == pytest.approx(float(want[f"{kind}_{g}"][i]), rel=1e-12, abs=1e-12)
+        assert set(row["metrics"]) >= {"x_mean", "ST_mean", "ST_q50", "var95", "es99"}
+        for name, got in row["metrics"].items():
+            ref = float(want[name][i])
+            # Non-finite values (an untrained model's negative variance) are null in JSON.
+            assert got == (pytest.approx(ref, rel=1e-12) if math.isfinite(ref) else None), name
+
+
+async def test_closed_form_parts_are_exact(client: Client) -> None:
+    body = await price(client, {"contracts": CONTRACTS})
+    for c, row in zip(CONTRACTS, body["contracts"], strict=True):
+        assert "greeks" not in row and "metrics" not in row
+        fwd = c["X0"] * math.exp((c["r"] - c["d"]) * c["T"])
+        disc = math.exp(-c["r"] * c["T"])
+        assert row["forward"] == pytest.approx(fwd, rel=1e-15)
+        assert row["call_intrinsic"] == pytest.approx(disc * max(fwd - c["K"], 0.0), rel=1e-14)
+        assert row["put_intrinsic"] == pytest.approx(disc * max(c["K"] - fwd, 0.0), rel=1e-14)
+        assert row["put_convexity"] == pytest.approx(row["put"] - row["put_intrinsic"], abs=1e-12)
+        assert row["call_convexity"] == pytest.approx(
+            row["call"] - row["call_intrinsic"], abs=1e-12
+        )
+
+
+async def test_same_request_same_bytes_and_version_pinning(client: Client) -> None:
+    raws = []
+    for body in ({"contracts": CONTRACTS}, {"contracts": CONTRACTS}):
+        resp = await client.post("/v1/price", json=body)
+        raws.append(await resp.read())
+    assert raws[0] == raws[1]
+    pinned = await price(client, {"contracts": CONTRACTS, "model_version": 1})
+    tracking = loads(raws[0])
+    assert pinned["contracts"] == tracking["contracts"]
+    assert pinned["model"] == {**tracking["model"], "mode": "version"}
+    missing = await price(client, {"contracts": CONTRACTS, "model_version": 7}, status=404)
+    assert missing["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "bounds"),
+    [("v", 1.5, "[0.05, 1.0]"), ("T", 0.001, "[0.02, 5.0]"), ("r", 0.5, "[-0.02, 0.1]")],
+)
+async def test_out_of_domain_is_422_naming_field_and_bounds(
+    client: Client, field: str, value: float, bounds: str
+) -> None:
+    contracts = [CONTRACTS[0], {**CONTRACTS[1], field: value}]
+    body = await price(client, {"contracts": contracts}, status=422)
+    (err,) = body["fields"]
+    assert err["path"] == f"contracts.1.{field}"
+    assert bounds in err["reason"] and repr(value) in err["reason"]
+
+
+@pytest.mark.parametrize(
+    ("contracts", "path"),
+    [
+        ([{**CONTRACTS[0], "X0": 0.0}], "contracts.0.X0"),
+        ([{**CONTRACTS[0], "K": -1.0}], "contracts.0.K"),
+        ([{k: v for k, v in CONTRACTS[0].items() if k != "v"}], "contracts.0.v"),
+        ([{**CONTRACTS[0], "S": 1.0}], "contracts.0.S"),
+        ([{**CONTRACTS[0], "T": "soon"}], "contracts.0.T"),
+        ([], "contracts"),
+        ([CONTRACTS[0]] * 9, "contracts"),
+    ],
+)
+async def test_invalid_contracts_are_422_with_the_path(
+    client: Client, contracts: list[dict[str, Any]], path: str
+) -> None:
+    body = await price(client, {"contracts": contracts}, status=422)
+    assert path in [f["path"] for f in body["fields"]]
+    check_schema(body, "Error")
+
+
+async def test_overflow_to_infinity_is_422_and_malformed_is_400(client: Client) -> None:
+    headers = {"Content-Type": "application/json"}
+    raw = json.dumps({"contracts": [CONTRACTS[0]]}).replace('"r": 0.02', '"r": -1e999')
+    resp = await client.post("/v1/price", data=raw, headers=headers)
+    assert resp.status == 422
+    assert [f["path"] for f in (await resp.json())["fields"]] == ["contracts.0.r"]
+    resp = await client.post("/v1/price", data=b'{"contracts": [', headers=headers)
+    assert resp.status == 400
