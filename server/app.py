@@ -31,11 +31,12 @@ from server.keys import (
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
 from server.model import ModelInfo, ModelService
-from server.worker import TrainingWorker
 from server.routes import setup_routes
+from server.worker import TrainingWorker
 from storage.chain import VersionChain
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
+from storage.retry import NO_RETRY
 
 
 class StoreConfigError(RuntimeError):
@@ -97,7 +98,11 @@ def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) ->
         metrics.contracts_priced.inc(rows)
 
     return ModelService(
-        chain, poll_interval=m.poll_interval_s, fixed_target=fixed, on_swap=on_swap, on_batch=on_batch
+        chain,
+        poll_interval=m.poll_interval_s,
+        fixed_target=fixed,
+        on_swap=on_swap,
+        on_batch=on_batch,
     )
 
 
@@ -161,11 +166,14 @@ def create_app(
         max_future=timedelta(seconds=settings.server.max_future_data_asof_s),
     )
     app[MODEL_READY_KEY] = ModelReadiness()
-    chain = VersionChain(store, clock=clock)
+    # a store opened here is already wrapped in the settings' retry policy: no second layer
+    chain = VersionChain(store, clock=clock, retry=NO_RETRY if owned else None)
     app[CHAIN_KEY] = chain
     app[MODEL_KEY] = _model_service(settings, chain, metrics)
     app.cleanup_ctx.append(_close_store(store, owned=owned))
-    app[WORKER_KEY] = TrainingWorker(settings, chain, metrics) if settings.training.enabled else None
+    app[WORKER_KEY] = (
+        TrainingWorker(settings, chain, metrics) if settings.training.enabled else None
+    )
     app.cleanup_ctx.append(_serve_models)
     app.cleanup_ctx.append(_train)
     # Jobs start last and stop first: they use the model service and the store.
