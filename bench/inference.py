@@ -39,7 +39,9 @@ def quantlib_prices_per_s(cols: dict[str, np.ndarray], n: int) -> float:
         ql.QuoteHandle(spot),
         ql.YieldTermStructureHandle(ql.FlatForward(today, ql.QuoteHandle(div), dc)),
         ql.YieldTermStructureHandle(ql.FlatForward(today, ql.QuoteHandle(rate), dc)),
-        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), ql.QuoteHandle(vol), dc)),
+        ql.BlackVolTermStructureHandle(
+            ql.BlackConstantVol(today, ql.NullCalendar(), ql.QuoteHandle(vol), dc)
+        ),
     )
     engine = ql.AnalyticEuropeanEngine(process)
 
@@ -49,10 +51,9 @@ def quantlib_prices_per_s(cols: dict[str, np.ndarray], n: int) -> float:
             rate.setValue(float(cols["r"][i]))
             div.setValue(float(cols["d"][i]))
             vol.setValue(float(cols["v"][i]))
-            expiry = today + max(int(round(cols["T"][i] * 365)), 1)
-            opt = ql.VanillaOption(
-                ql.PlainVanillaPayoff(ql.Option.Put, float(cols["K"][i])), ql.EuropeanExercise(expiry)
-            )
+            expiry = today + max(round(float(cols["T"][i]) * 365), 1)
+            payoff = ql.PlainVanillaPayoff(ql.Option.Put, float(cols["K"][i]))
+            opt = ql.VanillaOption(payoff, ql.EuropeanExercise(expiry))
             opt.setPricingEngine(engine)
             opt.NPV()
 
@@ -67,14 +68,20 @@ def mc_prices_per_s(cols: dict[str, np.ndarray], n: int, *, target_bp: float = 1
         drift, vol = (r - d - 0.5 * v * v) * T, v * np.sqrt(T)
         disc = np.exp(-r * T)
         pilot = rng.standard_normal(4096)
-        pay = 0.5 * disc * (np.maximum(K - S0 * np.exp(drift + vol * pilot), 0) + np.maximum(K - S0 * np.exp(drift - vol * pilot), 0))
+        # Antithetic pairs: the mean of the payoffs at +z and -z.
+        pay = 0.5 * disc * (
+            np.maximum(K - S0 * np.exp(drift + vol * pilot), 0)
+            + np.maximum(K - S0 * np.exp(drift - vol * pilot), 0)
+        )
         pairs = int(np.ceil((pay.std() / (target_bp * 1e-4 * S0)) ** 2)) + 1
         done = 0
         total = 0.0
         while done < pairs:  # chunks bound the memory
             m = min(pairs - done, 1 << 20)
             z = rng.standard_normal(m)
-            total += float(np.sum(np.maximum(K - S0 * np.exp(drift + vol * z), 0) + np.maximum(K - S0 * np.exp(drift - vol * z), 0)))
+            up = np.maximum(K - S0 * np.exp(drift + vol * z), 0)
+            down = np.maximum(K - S0 * np.exp(drift - vol * z), 0)
+            total += float(np.sum(up + down))
             done += m
         _ = disc * total / (2 * pairs)
 

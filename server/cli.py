@@ -34,7 +34,8 @@ def _load_core_config(path: str | None, device: str | None) -> Any:
         try:
             data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"config {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+            kind = p.suffix.lstrip(".") or "JSON"
+            raise UsageError(f"config {path} is not valid {kind}: {exc}") from None
         data = data.get("core", data)
     if device is not None:
         data["device"] = device
@@ -56,7 +57,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.seconds is None and args.steps is None:
         raise UsageError("give --seconds, --steps, or both")
-    if (args.seconds is not None and args.seconds <= 0) or (args.steps is not None and args.steps <= 0):
+    if (args.seconds is not None and args.seconds <= 0) or (
+        args.steps is not None and args.steps <= 0
+    ):
         raise UsageError("--seconds and --steps must be positive")
     config = _load_core_config(args.config, args.device)
     try:
@@ -68,7 +71,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         def on_step(m: Any) -> None:
             bar.update(1)
             if m.step % 20 == 0:
-                bar.set_postfix(loss=f"{m.loss:.3e}", lr=f"{m.lr:.1e}", sps=f"{m.samples_per_s:.2e}")
+                bar.set_postfix(
+                    loss=f"{m.loss:.3e}", lr=f"{m.lr:.1e}", sps=f"{m.samples_per_s:.2e}"
+                )
 
         trainer.train(steps=args.steps, seconds=args.seconds, on_step=on_step)
         v = trainer.validate()
@@ -106,11 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write a checkpoint file")
     t.add_argument("--seconds", type=float, help="wall-time budget")
     t.add_argument("--steps", type=int, help="step budget")
-    t.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides the config's device")
+    t.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], help="overrides the config's device"
+    )
     t.add_argument("--config", help="core config as TOML (a [core] table or top level) or JSON")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("store", help="inspect and maintain a version chain (see `spectralmc store -h`)", add_help=False)
+    sub.add_parser(
+        "store",
+        help="inspect and maintain a version chain (see `spectralmc store -h`)",
+        add_help=False,
+    )
     s = sub.add_parser("serve", help="run the HTTP pricing service")
     s.add_argument("--config", help="settings TOML overriding config/default.toml")
     return p

@@ -209,7 +209,7 @@ class ModelService:
         greeks: bool = False,
         metrics: bool = False,
     ) -> PricedBatch:
-        """Price on the live model, or on exactly `version` when given (NotFound if it does not exist)."""
+        """Price on the live model, or on exactly `version` when given (NotFound if absent)."""
         if version is not None:
             try:
                 loaded = await self.client.load_version(version)
@@ -265,7 +265,9 @@ class ModelService:
             out = q.pricer.price(merged, greeks=q.greeks, metrics=q.metrics)
             if self.on_batch is not None:
                 self.on_batch(len(items), len(merged))
-            log.debug("priced batch", requests=len(items), rows=len(merged), s=time.perf_counter() - t0)
+            log.debug(
+                "priced batch", requests=len(items), rows=len(merged), s=time.perf_counter() - t0
+            )
             return out
 
         cf = loop.run_in_executor(self._executor, work)

@@ -171,7 +171,11 @@ class TrainingWorker:
             "validation": None if v is None else v.as_dict(),
             "last_commit": None
             if last is None
-            else {"counter": last.counter, "version_hash": last.version_hash, "created_at": last.created_at},
+            else {
+                "counter": last.counter,
+                "version_hash": last.version_hash,
+                "created_at": last.created_at,
+            },
             "last_commit_error": None if c is None else c.last_error,
             "commits_ok": stats.get("commits_ok", 0),
             "commits_failed": stats.get("commits_failed", 0),
@@ -221,9 +225,13 @@ class TrainingWorker:
                     continue
                 if self._stop.is_set():
                     break
-                if (budget_steps is not None and trainer.global_step - first_step >= budget_steps) or (
+                out_of_steps = (
+                    budget_steps is not None and trainer.global_step - first_step >= budget_steps
+                )
+                out_of_time = (
                     budget_s is not None and time.monotonic() - self.started_at >= budget_s
-                ):
+                )
+                if out_of_steps or out_of_time:
                     self.state = "finished"
                     break
                 m = trainer.step()
@@ -233,13 +241,17 @@ class TrainingWorker:
                 self.metrics.training_samples_per_second.set(m.samples_per_s)
                 if trainer.global_step % self.config.train.validation_every == 0:
                     self._on_validation(trainer.validate())
-                committer.maybe_commit(trainer.global_step, trainer.snapshot, self._commit_metrics())
+                committer.maybe_commit(
+                    trainer.global_step, trainer.snapshot, self._commit_metrics()
+                )
                 seen_ok, seen_failed = self._count_commits(committer, seen_ok, seen_failed)
             # Final commit of the end state, then wait for it (runs on the server loop).
             self._serve_requests(trainer)
             if trainer.global_step > first_step:
                 committer.final(
-                    trainer.snapshot(), metrics=self._commit_metrics(), timeout=self.settings.server.shutdown_timeout_s
+                    trainer.snapshot(),
+                    metrics=self._commit_metrics(),
+                    timeout=self.settings.server.shutdown_timeout_s,
                 )
             self._count_commits(committer, seen_ok, seen_failed)
         except Exception as exc:

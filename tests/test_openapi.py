@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,11 +15,21 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
-from config.settings import ServerSettings, Settings, TrainingSettings
+from config.settings import (
+    AdminSettings,
+    CommitPlan,
+    ModelSettings,
+    ServerSettings,
+    Settings,
+    TrainingSettings,
+)
 from server.app import create_app
-from server.keys import MODEL_READY_KEY, Readiness
+from server.keys import CHAIN_KEY, MODEL_KEY, MODEL_READY_KEY, Readiness
+from storage.localstore import LocalStore
 from storage.objectstore import MemoryStore
+from tests.core_fixtures import tiny_config
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 METHODS = ("get", "put", "post", "delete", "patch")
@@ -75,46 +86,68 @@ def _schema_validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschem
     return jsonschema.Draft202012Validator(root)
 
 
-def _response_schema(
-    spec: dict[str, Any], path: str, method: str, status: int, content_type: str
-) -> dict[str, Any]:
+def _response(spec: dict[str, Any], path: str, method: str, status: int) -> dict[str, Any]:
     operation = spec["paths"][path][method]
     responses = operation["responses"]
     assert str(status) in responses, f"{method.upper()} {path} -> {status} is not documented"
-    response = responses[str(status)]
+    response: dict[str, Any] = responses[str(status)]
     if "$ref" in response:
         response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
+    return response
+
+
+def _response_schema(
+    spec: dict[str, Any], path: str, method: str, status: int, content_type: str
+) -> dict[str, Any]:
+    response = _response(spec, path, method, status)
     assert content_type in response["content"], f"{content_type} not documented for {status}"
     schema: dict[str, Any] = response["content"][content_type]["schema"]
     return schema
 
 
 Check = Callable[..., Awaitable[Any]]
+MakeCheck = Callable[[web.Application], Awaitable[Check]]
 
 
 @pytest.fixture
-async def check(aiohttp_client: Any, spec: dict[str, Any]) -> Check:
-    client: Client = await aiohttp_client(_app())
-    seen: set[tuple[str, str]] = set()
+def make_check(aiohttp_client: Any, spec: dict[str, Any]) -> MakeCheck:
+    """A client for `app` whose every call checks status, headers and body against the spec."""
 
-    async def call(
-        method: str, url: str, path: str, *, status: int, json_body: Any = None, **kw: Any
-    ) -> Any:
-        if json_body is not None:
-            body_schema = spec["paths"][path][method]["requestBody"]["content"]["application/json"]
-            _schema_validator(spec, body_schema["schema"]).validate(json_body)
-            kw["json"] = json_body
-        resp = await client.request(method.upper(), url, **kw)
-        assert resp.status == status, await resp.text()
-        schema = _response_schema(spec, path, method, status, resp.content_type)
-        body = await resp.json() if resp.content_type == "application/json" else await resp.text()
-        _schema_validator(spec, schema).validate(body)
-        seen.add((method, path))
-        return body
+    async def make(app: web.Application) -> Check:
+        client: Client = await aiohttp_client(app)
+        seen: set[tuple[str, str]] = set()
 
-    call.client = client  # type: ignore[attr-defined]
-    call.seen = seen  # type: ignore[attr-defined]
-    return call
+        async def call(
+            method: str, url: str, path: str, *, status: int, json_body: Any = None, **kw: Any
+        ) -> Any:
+            if json_body is not None:
+                operation = spec["paths"][path][method]
+                body_schema = operation["requestBody"]["content"]["application/json"]
+                _schema_validator(spec, body_schema["schema"]).validate(json_body)
+                kw["json"] = json_body
+            resp = await client.request(method.upper(), url, **kw)
+            assert resp.status == status, await resp.text()
+            for header in _response(spec, path, method, status).get("headers", {}):
+                assert header in resp.headers, f"documented header {header} is missing"
+            schema = _response_schema(spec, path, method, status, resp.content_type)
+            if resp.content_type == "application/json":
+                body = await resp.json()
+            else:
+                body = await resp.text()
+            _schema_validator(spec, schema).validate(body)
+            seen.add((method, path))
+            return body
+
+        call.client = client  # type: ignore[attr-defined]
+        call.seen = seen  # type: ignore[attr-defined]
+        return call
+
+    return make
+
+
+@pytest.fixture
+async def check(make_check: MakeCheck) -> Check:
+    return await make_check(_app())
 
 
 def _snapshot(asof: datetime, **extra: Any) -> dict[str, Any]:
@@ -184,6 +217,138 @@ async def test_market_data_responses_match_the_spec(check: Check) -> None:
         ("get", one),
         ("get", "/v1/marketdata/{namespace}"),
     }
+
+
+# --- admin ---------------------------------------------------------------------------------------
+
+TOKEN = "openapi-admin-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Actor": "openapi-test"}
+PIN = "/v1/admin/model/pin"
+TRAINING = "/v1/admin/training"
+CONTROL = ("/v1/admin/training/pause", "/v1/admin/training/resume", "/v1/admin/training/commit")
+ADMIN_ROUTES = {
+    ("put", PIN),
+    ("delete", PIN),
+    ("get", TRAINING),
+    *(("post", path) for path in CONTROL),
+}
+
+
+def _admin_app(store_dir: Path, *, training: bool, token: str | None = TOKEN) -> web.Application:
+    settings = Settings(
+        training=TrainingSettings(
+            enabled=training,
+            device="cpu",
+            commit=CommitPlan(kind="every_steps", every_steps=10),
+        ),
+        admin=AdminSettings(token=None if token is None else SecretStr(token)),
+        model=ModelSettings(poll_interval_s=0.1),
+        core=tiny_config(),
+    )
+    return create_app(settings, store=LocalStore(store_dir), registry=CollectorRegistry())
+
+
+async def _until(pred: Callable[[], Awaitable[bool]], *, what: str, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_admin_routes_are_bearer_protected_in_the_spec(spec: dict[str, Any]) -> None:
+    scheme = spec["components"]["securitySchemes"]["adminBearer"]
+    assert scheme == {**scheme, "type": "http", "scheme": "bearer"}
+    for method, path in ADMIN_ROUTES:
+        operation = spec["paths"][path][method]
+        assert operation["security"] == [{"adminBearer": []}], (method, path)
+        assert "401" in operation["responses"], (method, path)
+    protected = {(m, p) for m, p in spec_routes(spec) if "security" in spec["paths"][p][m]}
+    assert protected == ADMIN_ROUTES
+
+
+async def test_admin_responses_with_training_disabled_match_the_spec(
+    tmp_path: Path, make_check: MakeCheck, spec: dict[str, Any]
+) -> None:
+    check = await make_check(_admin_app(tmp_path / "store", training=False))
+    body = await check("get", TRAINING, TRAINING, status=200, headers=AUTH)
+    assert body["training"] == {"state": "disabled"}
+    assert body["model"]["loaded"] is None and body["model"]["mode"] == "tracking"
+    for path in CONTROL:
+        body = await check("post", path, path, status=409, headers=AUTH)
+        assert body["error"] == "conflict" and "disabled" in body["detail"]
+    # Empty store: nothing to pin, nothing pinned.
+    body = await check("put", PIN, PIN, status=404, json_body={"version": 1}, headers=AUTH)
+    assert body["error"] == "not_found"
+    body = await check("put", PIN, PIN, status=404, json_body={"ref": "production"}, headers=AUTH)
+    assert body["error"] == "not_found"
+    assert await check("delete", PIN, PIN, status=200, headers=AUTH) == {
+        "unpinned": None,
+        "model": None,
+    }
+    headers = {**AUTH, "Content-Type": "application/json"}
+    pin_request = _schema_validator(spec, {"$ref": "#/components/schemas/PinRequest"})
+    for bad in ({}, {"version": 1, "ref": "production"}, {"version": 0}, {"ref": "../etc"}):
+        with pytest.raises(jsonschema.ValidationError):  # the spec refuses what the app refuses
+            pin_request.validate(bad)
+        body = await check("put", PIN, PIN, status=422, data=json.dumps(bad), headers=headers)
+        assert body["error"] == "validation_error"
+    await check("put", PIN, PIN, status=400, data=b"{version", headers=headers)
+    for token_header in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}):
+        for method, path in sorted(ADMIN_ROUTES):
+            body = await check(method, path, path, status=401, headers=token_header)
+            assert body["error"] == "unauthorized"
+    assert check.seen == ADMIN_ROUTES  # type: ignore[attr-defined]
+    assert await check.client.app[CHAIN_KEY].log() == []  # type: ignore[attr-defined]
+
+
+async def test_admin_routes_without_a_configured_token_answer_401(
+    tmp_path: Path, make_check: MakeCheck
+) -> None:
+    check = await make_check(_admin_app(tmp_path / "store", training=False, token=None))
+    for method, path in sorted(ADMIN_ROUTES):
+        body = await check(method, path, path, status=401, headers=AUTH)
+        assert "disabled" in body["detail"]
+
+
+async def test_admin_responses_while_training_match_the_spec(
+    tmp_path: Path, make_check: MakeCheck
+) -> None:
+    app = _admin_app(tmp_path / "store", training=True)
+    check = await make_check(app)
+
+    async def validated_and_served() -> bool:
+        body = await check("get", TRAINING, TRAINING, status=200, headers=AUTH)
+        t = body["training"]
+        return (
+            t["validation"] is not None
+            and t["last_commit"] is not None
+            and body["model"]["loaded"] is not None
+        )
+
+    await _until(validated_and_served, what="a validation, a commit and a served model")
+    body = await check("post", CONTROL[0], CONTROL[0], status=200, headers=AUTH)
+    assert body["training"]["state"] == "paused"
+    body = await check("post", CONTROL[2], CONTROL[2], status=201, headers=AUTH)
+    committed = body["committed"]
+    assert committed["message"].startswith("manual commit by admin:openapi-test")
+    body = await check("post", CONTROL[1], CONTROL[1], status=200, headers=AUTH)
+    assert body["training"]["state"] == "running"
+
+    body = await check("put", PIN, PIN, status=200, json_body={"version": 1}, headers=AUTH)
+    assert body["pinned"] == 1 and body["model"] == {
+        "counter": 1,
+        "version_hash": (await app[CHAIN_KEY].get(1)).version_hash,
+        "mode": "pinned",
+    }
+    overview = await check("get", TRAINING, TRAINING, status=200, headers=AUTH)
+    assert overview["model"]["mode"] == "pinned:pin"
+    assert overview["model"]["loaded"]["counter"] == 1
+    body = await check("delete", PIN, PIN, status=200, headers=AUTH)
+    assert body["unpinned"] == 1
+    assert body["model"]["mode"] == "tracking"
+    assert app[MODEL_KEY].current is not None
+    assert check.seen == ADMIN_ROUTES  # type: ignore[attr-defined]
 
 
 def test_schemas_reject_drift(spec: dict[str, Any]) -> None:

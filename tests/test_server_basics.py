@@ -173,7 +173,10 @@ async def test_healthz_and_readyz(client: Client) -> None:
     assert await resp.json() == {"status": "ok"}
     resp = await client.get("/readyz")
     assert resp.status == 503
-    assert await resp.json() == {"status": "not_ready", "reason": "no model loaded"}
+    body = await resp.json()
+    # An empty store: the model service started but has no committed version to load.
+    assert body["status"] == "not_ready" and set(body) == {"status", "reason"}
+    assert "no model version" in body["reason"]
     # What the lead's model tracker does once a version is loaded (after start-up).
     client.app[MODEL_READY_KEY].set(lambda: Readiness(True, "model version 3"))
     resp = await client.get("/readyz")

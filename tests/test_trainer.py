@@ -46,9 +46,8 @@ def test_step_metrics_are_reported() -> None:
 @pytest.mark.parametrize("schedule", ["constant", "warmup_cosine", "plateau"])
 def test_resume_is_bit_exact(optimizer: str, schedule: str) -> None:
     base = tiny_config()
-    cfg = base.model_copy(
-        update={"optim": OptimConfig(optimizer=optimizer, schedule=schedule, lr=1e-3, warmup_steps=3)}
-    )
+    optim = OptimConfig(optimizer=optimizer, schedule=schedule, lr=1e-3, warmup_steps=3)
+    cfg = base.model_copy(update={"optim": optim})
     n, m = 12, 13  # crosses a validation (every 10) so plateau state is exercised
     with Trainer(cfg) as straight:
         straight.train(steps=n + m)

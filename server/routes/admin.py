@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.errors import read_json
 from server.keys import CHAIN_KEY, MODEL_KEY, SETTINGS_KEY, WORKER_KEY
+from server.worker import TrainingWorker
 
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -84,7 +85,7 @@ async def get_training(request: web.Request) -> web.Response:
     )
 
 
-def _worker(request: web.Request):  # type: ignore[no-untyped-def]
+def _worker(request: web.Request) -> TrainingWorker:
     worker = request.app[WORKER_KEY]
     if worker is None:
         raise web.HTTPConflict(text="training is disabled in settings (training.enabled = false)")
@@ -115,12 +116,17 @@ async def post_commit(request: web.Request) -> web.Response:
     except RuntimeError as exc:
         raise web.HTTPConflict(text=str(exc)) from None
     await request.app[CHAIN_KEY].append_audit(
-        "training.commit", actor=actor, new=record.counter, detail={"version_hash": record.version_hash}
+        "training.commit",
+        actor=actor,
+        new=record.counter,
+        detail={"version_hash": record.version_hash},
     )
-    return web.json_response(
-        {"committed": {"counter": record.counter, "version_hash": record.version_hash, "message": record.message}},
-        status=201,
-    )
+    committed = {
+        "counter": record.counter,
+        "version_hash": record.version_hash,
+        "message": record.message,
+    }
+    return web.json_response({"committed": committed}, status=201)
 
 
 def setup_routes(app: web.Application) -> None:
