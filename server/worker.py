@@ -41,6 +41,30 @@ class _CommitRequest:
     future: concurrent.futures.Future[Snapshot]
 
 
+def _finite_or_none(x: float) -> float | None:
+    """A finite float as is, NaN/inf as None: records and status are strict JSON."""
+    f = float(x)
+    return f if math.isfinite(f) else None
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with every NaN/inf float (at any depth of dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def committable_snapshot(trainer: Trainer) -> Snapshot:
+    """The trainer's snapshot with strict-JSON meta: a diverged run (NaN validation in the meta)
+    must still commit, and checkpoints refuse non-finite metadata."""
+    snap = trainer.snapshot()
+    return Snapshot(tensors=snap.tensors, meta=_finite_json(snap.meta))
+
+
 def commit_plan(settings: Settings) -> CommitPlan:
     c = settings.training.commit
     if c.kind == "never":
@@ -146,7 +170,8 @@ class TrainingWorker:
         record = await self.chain.commit(
             snapshot,
             message=f"manual commit by {actor} at step {step}",
-            metrics=self._commit_metrics(),
+            metrics=self._training_metrics(),
+            quality=self._quality_metrics(),
         )
         self.metrics.commits.labels(result="ok").inc()
         return record
@@ -164,11 +189,14 @@ class TrainingWorker:
             "config_fingerprint": self.config.fingerprint(),
             "resumed_from": self.resumed_from,
             "step": None if s is None else s.step,
-            "loss": None if s is None else s.loss,
-            "lr": None if s is None else s.lr,
-            "samples_per_s": None if s is None else s.samples_per_s,
-            "steps_per_s": None if s is None else s.steps_per_s,
-            "validation": None if v is None else v.as_dict(),
+            # JSON has no NaN/inf: a diverged loss reads as null, never as invalid JSON.
+            "loss": None if s is None else _finite_or_none(s.loss),
+            "lr": None if s is None else _finite_or_none(s.lr),
+            "samples_per_s": None if s is None else _finite_or_none(s.samples_per_s),
+            "steps_per_s": None if s is None else _finite_or_none(s.steps_per_s),
+            "validation": None
+            if v is None
+            else {k: _finite_or_none(x) for k, x in v.as_dict().items()},
             "last_commit": None
             if last is None
             else {
@@ -187,16 +215,29 @@ class TrainingWorker:
         self.error = f"{type(exc).__name__}: {exc}"
         log.error("training worker failed", error=self.error)
 
-    def _commit_metrics(self) -> dict[str, Any]:
-        s, v = self.last_step, self.last_validation
-        out: dict[str, Any] = {}
-        if s is not None:
-            out.update(step=s.step, loss=s.loss, batch=self.config.train.batch_contracts, lr=s.lr)
-        if v is not None:
-            out.update(
-                val_loss=v.val_loss, val_mean_abs_bp=v.mean_abs_bp, val_max_abs_bp=v.max_abs_bp
-            )
-        return out
+    def _training_metrics(self) -> dict[str, Any]:
+        """The record's training metrics (they also fill the commit message)."""
+        s = self.last_step
+        if s is None:
+            return {}
+        return {
+            "step": s.step,
+            "loss": _finite_or_none(s.loss),
+            "batch": self.config.train.batch_contracts,
+            "lr": _finite_or_none(s.lr),
+        }
+
+    def _quality_metrics(self) -> dict[str, Any]:
+        """The record's quality metrics: the latest held-out validation."""
+        v = self.last_validation
+        if v is None:
+            return {}
+        return {
+            "val_step": v.step,
+            "val_loss": _finite_or_none(v.val_loss),
+            "val_mean_abs_bp": _finite_or_none(v.mean_abs_bp),
+            "val_max_abs_bp": _finite_or_none(v.max_abs_bp),
+        }
 
     def _on_validation(self, v: ValidationMetrics) -> None:
         self.last_validation = v
@@ -242,15 +283,19 @@ class TrainingWorker:
                 if trainer.global_step % self.config.train.validation_every == 0:
                     self._on_validation(trainer.validate())
                 committer.maybe_commit(
-                    trainer.global_step, trainer.snapshot, self._commit_metrics()
+                    trainer.global_step,
+                    lambda: committable_snapshot(trainer),
+                    self._training_metrics(),
+                    quality=self._quality_metrics(),
                 )
                 seen_ok, seen_failed = self._count_commits(committer, seen_ok, seen_failed)
             # Final commit of the end state, then wait for it (runs on the server loop).
             self._serve_requests(trainer)
             if trainer.global_step > first_step:
                 committer.final(
-                    trainer.snapshot(),
-                    metrics=self._commit_metrics(),
+                    committable_snapshot(trainer),
+                    metrics=self._training_metrics(),
+                    quality=self._quality_metrics(),
                     timeout=self.settings.server.shutdown_timeout_s,
                 )
             self._count_commits(committer, seen_ok, seen_failed)
@@ -272,7 +317,7 @@ class TrainingWorker:
             reqs, self._requests = self._requests, []
         for r in reqs:
             try:
-                r.future.set_result(trainer.snapshot())
+                r.future.set_result(committable_snapshot(trainer))
             except Exception as exc:
                 r.future.set_exception(exc)
 

@@ -1,10 +1,10 @@
 """Commit training snapshots to the version chain without ever blocking or crashing training.
 
-The training thread calls `maybe_commit(step, snapshot_fn, metrics)`: a cheap due-check, and when
-due it takes the snapshot (on the training thread, so the state is consistent) and drops it into a
-one-slot mailbox. A committer thread drains the mailbox; if a commit is still running when the next
-is due, the newer snapshot replaces the waiting one (the next commit carries the newest state).
-Commits run on the committer thread's own event loop, or on a given loop through
+The training thread calls `maybe_commit(step, snapshot_fn, metrics, quality)`: a cheap due-check;
+when due it takes the snapshot (on the training thread, so the state is consistent) and drops it
+into a one-slot mailbox. A committer thread drains the mailbox; if a commit is still running when
+the next is due, the newer snapshot replaces the waiting one (the next commit carries the newest
+state). Commits run on the committer thread's own event loop, or on a given loop through
 run_coroutine_threadsafe (the server's loop, where its store client lives).
 """
 
@@ -79,6 +79,8 @@ class _Job:
     snapshot: Snapshot
     message: str
     metrics: dict[str, Any]
+    # Quality metrics (validation errors) are stored apart from training metrics in the record.
+    quality: dict[str, Any] = field(default_factory=dict)
     future: concurrent.futures.Future[VersionRecord | None] = field(
         default_factory=concurrent.futures.Future
     )
@@ -128,9 +130,17 @@ class BackgroundCommitter:
         return False
 
     def maybe_commit(
-        self, step: int, snapshot_fn: Callable[[], Snapshot], metrics: Mapping[str, Any]
+        self,
+        step: int,
+        snapshot_fn: Callable[[], Snapshot],
+        metrics: Mapping[str, Any],
+        quality: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Cheap unless due; when due, snapshot now and hand it to the committer. Never raises."""
+        """Cheap unless due; when due, snapshot now and hand it to the committer. Never raises.
+
+        `metrics` go to the record's training metrics (and fill the message), `quality` to its
+        quality metrics.
+        """
         if not self.due(step):
             return False
         self._last_step = step
@@ -142,7 +152,14 @@ class BackgroundCommitter:
             self.last_error = f"snapshot failed: {type(exc).__name__}: {exc}"
             log.exception("snapshot for commit at step %d failed", step)
             return False
-        self._submit(_Job(snapshot, self.plan.message, {"step": step, **dict(metrics)}))
+        self._submit(
+            _Job(
+                snapshot,
+                self.plan.message,
+                {"step": step, **dict(metrics)},
+                dict(quality or {}),
+            )
+        )
         return True
 
     def final(
@@ -150,12 +167,13 @@ class BackgroundCommitter:
         snapshot: Snapshot,
         *,
         metrics: Mapping[str, Any] | None = None,
+        quality: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> VersionRecord | None:
         """Commit the end state (unless the plan is "none") and wait for it; None on failure."""
         if self.plan.kind == "none":
             return None
-        job = _Job(snapshot, self.plan.final_message, dict(metrics or {}))
+        job = _Job(snapshot, self.plan.final_message, dict(metrics or {}), dict(quality or {}))
         self._submit(job)
         try:
             return job.future.result(timeout=timeout)
@@ -188,7 +206,12 @@ class BackgroundCommitter:
                     self._busy = True
                 try:
                     record = self._execute(
-                        self.chain.commit(job.snapshot, message=job.message, metrics=job.metrics),
+                        self.chain.commit(
+                            job.snapshot,
+                            message=job.message,
+                            metrics=job.metrics,
+                            quality=job.quality,
+                        ),
                         own_loop,
                     )
                 except Exception as exc:  # counted and logged; training goes on

@@ -87,6 +87,33 @@ def test_every_steps_and_final(tmp_path: Path) -> None:
     assert committer.stats()["last_counter"] == rec.counter
 
 
+def test_quality_metrics_are_stored_apart_from_training_metrics(tmp_path: Path) -> None:
+    chain = VersionChain(LocalStore(tmp_path))
+    committer = BackgroundCommitter(chain, CommitPlan.every_steps(5, message="s{step} {val_loss}"))
+    quality = {"val_loss": 0.25, "val_max_abs_bp": 12.5}
+    assert committer.maybe_commit(5, lambda: make_snapshot(5, step=5), {"loss": 1.0}, quality)
+    assert committer.wait_idle(30)
+    # An interval commit without quality stores an empty quality group, not the previous one.
+    assert committer.maybe_commit(10, lambda: make_snapshot(10, step=10), {"loss": 0.5})
+    assert committer.wait_idle(30)
+    final = committer.final(
+        make_snapshot(11, step=11),
+        metrics={"step": 11, "loss": 0.4},
+        quality={"val_loss": 0.2, "val_max_abs_bp": None},
+    )
+    committer.close(30)
+    assert final is not None
+    first, second, last = asyncio.run(chain.list())
+    assert first.training_metrics == {"step": 5, "loss": 1.0}
+    assert first.quality_metrics == quality
+    # The message template is filled from training metrics only.
+    assert first.message == "s5 n/a"
+    assert second.quality_metrics == {}
+    assert last.training_metrics == {"step": 11, "loss": 0.4}
+    assert last.quality_metrics == {"val_loss": 0.2, "val_max_abs_bp": None}
+    assert asyncio.run(chain.verify()).ok
+
+
 def test_newest_pending_snapshot_wins(tmp_path: Path) -> None:
     store = GatedStore(LocalStore(tmp_path))
     chain = VersionChain(store)
@@ -144,13 +171,18 @@ async def test_commits_run_on_a_given_loop(tmp_path: Path) -> None:
 
     def train() -> None:
         for step in range(1, 21):
-            committer.maybe_commit(step, lambda s=step: make_snapshot(s, step=s), {"loss": 0.5})
+            if committer.maybe_commit(
+                step, lambda s=step: make_snapshot(s, step=s), {"loss": 0.5}
+            ):
+                # Wait for it, so no commit is superseded by a newer one (that depends on timing).
+                assert committer.wait_idle(30)
         committer.final(make_snapshot(21, step=21), metrics={"step": 21})
         committer.close(30)
 
     await asyncio.to_thread(train)
     records = await chain.list()
-    assert records[-1].training_metrics["step"] == 21 and len(records) >= 2
+    assert [r.training_metrics["step"] for r in records] == [5, 10, 15, 20, 21]
+    assert committer.commits_ok == 5 and committer.superseded == 0
     assert (await chain.verify()).ok
 
 
