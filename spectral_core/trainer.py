@@ -37,6 +37,10 @@ VALIDATION_SEED_OFFSET = 1_000_003
 VALIDATION_MONEYNESS = (0.7, 0.85, 1.0, 1.15, 1.3)
 # A validation counts as an improvement (early stopping) only if it beats the best by this much.
 EARLY_STOP_MIN_REL_IMPROVEMENT = 1e-4
+# Divergence guard: a validation loss this many times the best (or non-finite) rolls the model and
+# optimiser back to the best validation and halves the learning rate. A large Adam step can push
+# every |F_k| towards 0, where exp underflows and no gradient is left: such a run never recovers.
+DIVERGENCE_FACTOR = 20.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class Trainer:
         self.plateau = PlateauState()
         self.best_val = math.inf
         self.evals_without_improvement = 0
+        self.guard_scale = 1.0
+        self.divergences = 0
+        self._best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.last_validation: ValidationMetrics | None = None
         self.sampler = ContractSampler(config.domain, seed=config.train.seed)
         self._normals = NormalsSource(
@@ -151,7 +158,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _set_lr(self) -> float:
-        lr = lr_at(self.config.optim, self.global_step, plateau_scale=self.plateau.scale)
+        lr = self.guard_scale * lr_at(
+            self.config.optim, self.global_step, plateau_scale=self.plateau.scale
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -212,13 +221,21 @@ class Trainer:
             mean_abs_bp=float(err_bp.mean()),
             max_abs_bp=float(err_bp.max()),
         )
-        if c.optim.schedule == "plateau":
-            self.plateau.observe(c.optim, val_loss)
-        if val_loss < self.best_val * (1.0 - EARLY_STOP_MIN_REL_IMPROVEMENT):
-            self.best_val = val_loss
-            self.evals_without_improvement = 0
-        else:
+        diverged = not math.isfinite(val_loss) or val_loss > DIVERGENCE_FACTOR * self.best_val
+        if diverged and self._best is not None:
+            self._load_training_state(*self._best)
+            self.guard_scale *= 0.5
+            self.divergences += 1
             self.evals_without_improvement += 1
+        else:
+            if c.optim.schedule == "plateau":
+                self.plateau.observe(c.optim, val_loss)
+            if val_loss < self.best_val * (1.0 - EARLY_STOP_MIN_REL_IMPROVEMENT):
+                self.best_val = val_loss
+                self.evals_without_improvement = 0
+                self._best = self._training_state()
+            else:
+                self.evals_without_improvement += 1
         self.last_validation = metrics
         return metrics
 
@@ -250,7 +267,8 @@ class Trainer:
         return last
 
     # ------------------------------------------------------------------ snapshot / restore
-    def snapshot(self) -> Snapshot:
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Model and optimiser as CPU tensor copies (`model.*`, `optim.*`) plus optimiser scalars."""
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.model.state_dict().items():
             tensors[f"model.{name}"] = t.detach().cpu().clone()
@@ -262,6 +280,24 @@ class Trainer:
                     tensors[f"optim.{idx}.{key}"] = value.detach().cpu().clone()
                 else:
                     opt_scalars.setdefault(str(idx), {})[key] = value
+        return tensors, {"scalars": opt_scalars, "param_groups": _json_param_groups(opt["param_groups"])}
+
+    def _load_training_state(self, tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any]) -> None:
+        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value.to(self.device).clone()
+        for idx, scalars in opt_meta["scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        self.optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+
+    def snapshot(self) -> Snapshot:
+        tensors, opt_meta = self._training_state()
+        if self._best is not None:
+            tensors.update({f"best.{k}": v for k, v in self._best[0].items()})
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -275,8 +311,10 @@ class Trainer:
             "plateau": self.plateau.to_json(),
             "best_val": None if math.isinf(self.best_val) else self.best_val,
             "evals_without_improvement": self.evals_without_improvement,
-            "optim_param_groups": _json_param_groups(opt["param_groups"]),
-            "optim_scalars": opt_scalars,
+            "optim": opt_meta,
+            "best_optim": None if self._best is None else self._best[1],
+            "guard_scale": self.guard_scale,
+            "divergences": self.divergences,
             "validation": None if self.last_validation is None else self.last_validation.as_dict(),
         }
         return Snapshot(tensors=tensors, meta=meta)
@@ -299,18 +337,14 @@ class Trainer:
     def _init_restored(self, config: CoreConfig, snapshot: Snapshot) -> None:
         meta = snapshot.meta
         self.__init__(config)  # type: ignore[misc]  # fresh components, then overwrite the state
-        model_state = {
-            k.removeprefix("model."): v for k, v in snapshot.tensors.items() if k.startswith("model.")
-        }
-        self.model.load_state_dict(model_state, strict=True)
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in snapshot.tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value.to(self.device)
-        for idx, scalars in meta["optim_scalars"].items():
-            state.setdefault(int(idx), {}).update(scalars)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+        self._load_training_state(snapshot.tensors, meta["optim"])
+        if meta["best_optim"] is not None:
+            best = {
+                k.removeprefix("best."): v for k, v in snapshot.tensors.items() if k.startswith("best.")
+            }
+            self._best = (best, meta["best_optim"])
+        self.guard_scale = float(meta["guard_scale"])
+        self.divergences = int(meta["divergences"])
         torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
         if self.device.type == "cuda" and "rng.torch_cuda" in snapshot.tensors:
             torch.cuda.set_rng_state(snapshot.tensors["rng.torch_cuda"], self.device)

@@ -158,3 +158,20 @@ def test_bad_training_config_is_refused() -> None:
         TrainConfig(batch_contracts=0)
     with pytest.raises(ValueError, match="power of two"):
         CoreConfig.model_validate({"sim": {"paths_per_contract": 1000}})
+
+
+def test_divergence_guard_rolls_back_to_the_best_validation() -> None:
+    with Trainer(tiny_config()) as tr:
+        tr.train(steps=30)  # three validations: a best state exists
+        best_params = {k: v.clone() for k, v in tr._best[0].items() if k.startswith("model.")}
+        tr.guard_scale = 1e12  # an absurd learning rate: the next steps blow the model up
+        tr.train(steps=10)
+        assert tr.divergences == 1
+        assert tr.guard_scale == 0.5e12
+        now = {f"model.{k}": v for k, v in tr.model.state_dict().items()}
+        for k, v in best_params.items():
+            assert torch.equal(now[k], v), k
+        snap = tr.snapshot()
+    with Trainer.restore(snap) as again:
+        assert again.divergences == 1 and again.guard_scale == 0.5e12
+        assert again._best is not None
