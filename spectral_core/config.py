@@ -112,8 +112,9 @@ class OptimConfig(_Frozen):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     schedule: Literal["constant", "warmup_cosine", "plateau"] = "warmup_cosine"
     warmup_steps: int = Field(default=200, ge=0)
-    # the cosine must finish inside the budget: ~15k steps is about 600 s on a 2-core CPU
-    total_steps: int = Field(default=15000, ge=1)
+    # A short, complete anneal measured best on bench.accuracy: lr 3e-2 held over ~15k steps
+    # (600 s on 2 cores) diverged and needed the guard, 3k steps (~2 min) did not.
+    total_steps: int = Field(default=3000, ge=1)
     min_lr: float = Field(default=1e-6, ge=0.0)
     plateau_patience: int = Field(default=5, ge=1)
     plateau_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -151,7 +152,7 @@ class CoreConfig(_Frozen):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON, minus the device (where it ran does not change the model)."""
+        """sha256 of the canonical JSON without the device (it does not change the model)."""
         body = self.model_dump(mode="json")
         body.pop("device")
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))

@@ -1,4 +1,4 @@
-"""Batched inference: contracts (X0, K, T, r, d, v) -> spectra -> prices, greeks and distribution metrics.
+"""Batched inference: contracts (X0, K, T, r, d, v) -> spectra -> prices, greeks, metrics.
 
 One forward pass of the network gives F_k(theta) for a contract's (T, r, d, sigma); every payoff,
 strike, moment and quantile then comes from the COS sums in `cos.py`. Greeks are autograd
@@ -31,7 +31,13 @@ class DomainError(ValueError):
     """A contract lies outside the model's trained domain (or is not a valid contract)."""
 
     def __init__(self, field: str, index: int, value: float, lower: float, upper: float | None):
-        self.field, self.index, self.value, self.lower, self.upper = field, index, value, lower, upper
+        self.field, self.index, self.value, self.lower, self.upper = (
+            field,
+            index,
+            value,
+            lower,
+            upper,
+        )
         where = f"[{lower}, {upper}]" if upper is not None else f"> {lower}"
         super().__init__(
             f"contracts[{index}].{field} = {value!r} is outside the trained domain {where}"
@@ -57,7 +63,9 @@ class Contracts:
                 raise ValueError(f"missing contract field {name!r}")
             arr = np.atleast_1d(np.asarray(cols[name], dtype=np.float64))
             if arr.ndim != 1:
-                raise ValueError(f"contract field {name!r} must be one-dimensional, got {arr.shape}")
+                raise ValueError(
+                    f"contract field {name!r} must be one-dimensional, got {arr.shape}"
+                )
             arrays[name] = arr
         n = {a.shape[0] for a in arrays.values()}
         if len(n) != 1:
@@ -104,7 +112,11 @@ class Pricer:
             dtype=torch.complex64,
             truncation_L=config.spectrum.truncation_L,
         )
-        state = {k.removeprefix("model."): v for k, v in snapshot.tensors.items() if k.startswith("model.")}
+        state = {
+            k.removeprefix("model."): v
+            for k, v in snapshot.tensors.items()
+            if k.startswith("model.")
+        }
         model.load_state_dict(state, strict=True)
         return cls(model, config, device=device, reproducible=reproducible)
 
@@ -128,7 +140,7 @@ class Pricer:
 
     # ------------------------------------------------------------------ network
     def spectrum(self, theta: torch.Tensor) -> torch.Tensor:
-        """F_k for theta (B, 4) = (T, r, d, sigma) -> (B, N) complex128, differentiable w.r.t. theta."""
+        """F_k for theta (B, 4) = (T, r, d, sigma) -> (B, N) complex128, differentiable in theta."""
         features = theta_features(theta.to(self._feature_dtype), self.config.domain)
         if self.reproducible:
             rows = [self.model(features[i : i + 1]) for i in range(features.shape[0])]
@@ -148,7 +160,10 @@ class Pricer:
         """
         self.check_domain(contracts)
         dev = self.device
-        col = {n: torch.as_tensor(getattr(contracts, n), dtype=torch.float64, device=dev) for n in CONTRACT_FIELDS}
+        col = {
+            n: torch.as_tensor(getattr(contracts, n), dtype=torch.float64, device=dev)
+            for n in CONTRACT_FIELDS
+        }
         if greeks:
             for n in ("X0", "T", "r", "v"):
                 col[n].requires_grad_(True)
@@ -185,7 +200,13 @@ class Pricer:
 
 
 def _greeks(
-    kind: str, price: torch.Tensor, *, X0: torch.Tensor, T: torch.Tensor, r: torch.Tensor, v: torch.Tensor
+    kind: str,
+    price: torch.Tensor,
+    *,
+    X0: torch.Tensor,
+    T: torch.Tensor,
+    r: torch.Tensor,
+    v: torch.Tensor,
 ) -> dict[str, np.ndarray]:
     """Autograd greeks; rows are independent so the gradient of the sum is the per-row gradient."""
     total = price.sum()
@@ -215,8 +236,12 @@ def _metrics(
         q = cos.quantile(F, a, b, S0=X0, p=p)
         out[f"ST_q{round(p * 100):02d}"] = q.cpu().numpy()
     for alpha in RISK_LEVELS:
-        out[f"var{round(alpha * 100)}"] = cos.value_at_risk(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
-        out[f"es{round(alpha * 100)}"] = cos.expected_shortfall(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
+        out[f"var{round(alpha * 100)}"] = (
+            cos.value_at_risk(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
+        )
+        out[f"es{round(alpha * 100)}"] = (
+            cos.expected_shortfall(F, a, b, S0=X0, alpha=alpha).cpu().numpy()
+        )
     return out
 
 

@@ -31,7 +31,7 @@ def lr_at(cfg: OptimConfig, step: int, *, plateau_scale: float = 1.0) -> float:
 
 @dataclass
 class PlateauState:
-    """Decay the learning rate by `plateau_factor` after `plateau_patience` evaluations without improvement."""
+    """Scale the lr by `plateau_factor` after `plateau_patience` evaluations without improvement."""
 
     scale: float = 1.0
     best: float = math.inf

@@ -12,7 +12,7 @@ import torch
 class Snapshot:
     """Everything needed to resume training bit-exactly or to serve the model.
 
-    tensors: flat name -> CPU tensor (model parameters/buffers, optimiser moments, RNG states as uint8).
+    tensors: flat name -> CPU tensor (model parameters, optimiser moments, RNG states as uint8).
     meta: JSON-able dict (config, global step, sampler/normals positions, schedule state, metrics).
     """
 

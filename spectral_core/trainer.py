@@ -119,7 +119,11 @@ class Trainer:
         target reaches torch by DLPack (no host copy). Returns (B, N) complex128 on self.device.
         """
         c, xp = self.config, self._xp
-        kw = dict(scheme=c.sim.scheme, moment_matching=c.sim.moment_matching, cap_bytes=c.memory.paths_bytes)
+        kw = dict(
+            scheme=c.sim.scheme,
+            moment_matching=c.sim.moment_matching,
+            cap_bytes=c.memory.paths_bytes,
+        )
         if self.device.type == "cuda":
             theta_d = xp.asarray(theta)  # (B, 4): the only upload, 32 bytes a contract
             x = xp.asarray(simulate_log_returns_cuda(theta_d, z, **kw))  # (B, M) float64 on device
@@ -127,7 +131,12 @@ class Trainer:
             theta_d = theta
             x = simulate_log_returns(theta, z, **kw)  # (B, M) float64
         a, b = truncation_interval(
-            theta_d[:, 0], theta_d[:, 1], theta_d[:, 2], theta_d[:, 3], L=c.spectrum.truncation_L, xp=xp
+            theta_d[:, 0],
+            theta_d[:, 1],
+            theta_d[:, 2],
+            theta_d[:, 3],
+            L=c.spectrum.truncation_L,
+            xp=xp,
         )
         est = estimate_spectrum(
             x,
@@ -184,7 +193,13 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.model.parameters() if p.grad is not None])
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(p.grad)
+                        for p in self.model.parameters()
+                        if p.grad is not None
+                    ]
+                )
             )
         self.optimizer.step()
         self.global_step += 1
@@ -207,7 +222,7 @@ class Trainer:
         return patience is not None and self.evals_without_improvement >= patience
 
     def validate(self) -> ValidationMetrics:
-        """Spectral loss on the held-out set, and put prices against the closed form in bp of spot."""
+        """Spectral loss on the held-out set; put prices against the closed form (bp of spot)."""
         c = self.config
         self.model.eval()
         with torch.no_grad():
@@ -247,7 +262,7 @@ class Trainer:
         on_step: Callable[[StepMetrics], None] | None = None,
         on_validation: Callable[[ValidationMetrics], None] | None = None,
     ) -> StepMetrics | None:
-        """Train until `steps` more steps, `seconds` of wall time, or early stopping, whichever first."""
+        """Train for `steps` more steps or `seconds` of wall time, or until early stopping."""
         if steps is None and seconds is None:
             raise ValueError("give a step budget, a time budget, or both")
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -268,7 +283,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ snapshot / restore
     def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Model and optimiser as CPU tensor copies (`model.*`, `optim.*`) plus optimiser scalars."""
+        """Model and optimiser as CPU tensor copies (`model.*`, `optim.*`) and optimiser scalars."""
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.model.state_dict().items():
             tensors[f"model.{name}"] = t.detach().cpu().clone()
@@ -280,10 +295,17 @@ class Trainer:
                     tensors[f"optim.{idx}.{key}"] = value.detach().cpu().clone()
                 else:
                     opt_scalars.setdefault(str(idx), {})[key] = value
-        return tensors, {"scalars": opt_scalars, "param_groups": _json_param_groups(opt["param_groups"])}
+        return tensors, {
+            "scalars": opt_scalars,
+            "param_groups": _json_param_groups(opt["param_groups"]),
+        }
 
-    def _load_training_state(self, tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any]) -> None:
-        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    def _load_training_state(
+        self, tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any]
+    ) -> None:
+        model_state = {
+            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+        }
         self.model.load_state_dict(model_state, strict=True)
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -321,7 +343,7 @@ class Trainer:
 
     @classmethod
     def restore(cls, snapshot: Snapshot, *, device: str | None = None) -> Trainer:
-        """Rebuild a trainer from `snapshot`; the stored config wins (only the device may change)."""
+        """Rebuild a trainer from `snapshot`; the stored config wins (only the device may vary)."""
         meta = snapshot.meta
         if meta.get("snapshot_format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unsupported snapshot_format {meta.get('snapshot_format')!r}")
@@ -340,7 +362,9 @@ class Trainer:
         self._load_training_state(snapshot.tensors, meta["optim"])
         if meta["best_optim"] is not None:
             best = {
-                k.removeprefix("best."): v for k, v in snapshot.tensors.items() if k.startswith("best.")
+                k.removeprefix("best."): v
+                for k, v in snapshot.tensors.items()
+                if k.startswith("best.")
             }
             self._best = (best, meta["best_optim"])
         self.guard_scale = float(meta["guard_scale"])
@@ -377,7 +401,7 @@ def _json_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def validation_price_errors_bp(
     F: torch.Tensor, theta: torch.Tensor, config: CoreConfig
 ) -> torch.Tensor:
-    """|COS put price from F - Black-Scholes| in bp of spot (S0 = 1), over VALIDATION_MONEYNESS strikes.
+    """|COS put price from F - Black-Scholes| in bp of spot (S0 = 1) at VALIDATION_MONEYNESS.
 
     GBM has a closed form, so validation measures what users see: price error. Returns (B * K,).
     """

@@ -63,7 +63,14 @@ def test_cuda_pricer_matches_cpu_pricer() -> None:
     rng = np.random.default_rng(1)
     n = 64
     T = rng.uniform(0.1, 4.0, n)
-    c = Contracts(X0=np.full(n, 100.0), K=rng.uniform(80, 120, n), T=T, r=np.full(n, 0.03), d=np.full(n, 0.01), v=rng.uniform(0.1, 0.8, n))
+    c = Contracts(
+        X0=np.full(n, 100.0),
+        K=rng.uniform(80, 120, n),
+        T=T,
+        r=np.full(n, 0.03),
+        d=np.full(n, 0.01),
+        v=rng.uniform(0.1, 0.8, n),
+    )
     cpu = Pricer.from_snapshot(snap, device="cpu", reproducible=True).price(c, greeks=True)
     gpu = Pricer.from_snapshot(snap, device="cuda", reproducible=True).price(c, greeks=True)
     for key in ("put", "call", "put_delta", "call_vega"):
