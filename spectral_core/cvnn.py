@@ -581,10 +581,13 @@ class SpectralCVNN(ComplexModule):
         return torch.complex(-F.softplus(raw.real), raw.imag)
 
     def forward(self, features: Tensor) -> Tensor:
-        psi = self.psi(features)  # (B, N-1) complex
+        raw = self.raw(features)  # (B, N-1) complex
+        # exp(psi) with |exp(psi)| = exp(-softplus(Re raw)) = sigmoid(-Re raw): real sigmoid, cos
+        # and sin instead of a complex exp (about 3x faster on CPU, same values).
+        rotated = torch.polar(torch.sigmoid(-raw.real), raw.imag)  # (B, N-1) complex
         phase = torch.complex(self.phase_re, self.phase_im)  # (N-1,) exact i^k
-        ones = torch.ones_like(psi[:, :1])  # F_0 = 1 exactly
-        out = torch.cat([ones, phase * torch.exp(psi)], dim=1)  # (B, N) complex
+        ones = torch.ones_like(rotated[:, :1])  # F_0 = 1 exactly
+        out = torch.cat([ones, phase * rotated], dim=1)  # (B, N) complex
         assert out.shape == (features.shape[0], self.n_freq)
         assert bool((out[:, 0] == 1).all())
         return out

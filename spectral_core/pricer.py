@@ -151,7 +151,12 @@ class Pricer:
 
     # ------------------------------------------------------------------ pricing
     def price(
-        self, contracts: Contracts, *, greeks: bool = False, metrics: bool = False
+        self,
+        contracts: Contracts,
+        *,
+        greeks: bool = False,
+        metrics: bool = False,
+        digitals: bool = True,
     ) -> dict[str, np.ndarray]:
         """Put/call prices, intrinsic and convexity; greeks and distribution metrics on request.
 
@@ -172,19 +177,24 @@ class Pricer:
             theta = torch.stack([T, r, d, v], dim=-1)
             F = self.spectrum(theta)
             a, b = truncation_interval(T, r, d, v, L=self.config.spectrum.truncation_L, xp=torch)
-            put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
-            call = cos.call(F, a, b, S0=X0, K=K, r=r, T=T, d=d)
             disc = torch.exp(-r * T)
             fwd = X0 * torch.exp((r - d) * T)
+            put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
+            # Parity, as cos.call does, without pricing the put twice.
+            call = put + disc * (fwd - K)
             out: dict[str, torch.Tensor] = {
                 "put": put,
                 "call": call,
                 "put_intrinsic": disc * torch.clamp(K - fwd, min=0.0),
                 "call_intrinsic": disc * torch.clamp(fwd - K, min=0.0),
-                "digital_call": cos.digital_call(F, a, b, S0=X0, K=K, r=r, T=T),
-                "digital_put": cos.digital_put(F, a, b, S0=X0, K=K, r=r, T=T),
                 "forward": fwd,
             }
+            if digitals:
+                digital_call = cos.digital_call(F, a, b, S0=X0, K=K, r=r, T=T)
+                out["digital_call"] = digital_call
+                # psi_k(a, x*) + psi_k(x*, b) = psi_k(a, b) = 0 for k >= 1 and F_0 = 1, so the
+                # COS digital put is exactly disc - digital call.
+                out["digital_put"] = disc - digital_call
             out["put_convexity"] = out["put"] - out["put_intrinsic"]
             out["call_convexity"] = out["call"] - out["call_intrinsic"]
             result: dict[str, np.ndarray] = {}
