@@ -3,8 +3,9 @@
 python -m bench.inference
 -> {"bench":"inference","prices_per_s":..,"vs_quantlib_analytic":..,"vs_mc_equal_accuracy":..}
 prices_per_s counts one price per contract: the put, with the call by parity and the intrinsic
-and convexity values in the same pass (digitals off, as the QuantLib baseline prices one put). The MC baseline samples S_T directly with antithetic normals
-and runs each contract until the put's standard error is 1 bp of spot.
+and convexity values in the same pass (digitals off, as the QuantLib baseline prices one put).
+The MC baseline samples S_T directly with antithetic normals and runs each contract until the
+put's standard error is 1 bp of spot.
 """
 
 from __future__ import annotations
