@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,3 +34,15 @@ def emit(result: dict[str, Any]) -> None:
     """Print the benchmark's single result line."""
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
+
+
+def best_seconds(run: Callable[[], Any], repeats: int, *, warm_up: bool = True) -> float:
+    """Best wall time of `repeats` calls (after one untimed warm-up: JIT, page faults, caches)."""
+    if warm_up:
+        run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best

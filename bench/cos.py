@@ -9,12 +9,11 @@ divided by the 20,000 prices; the CF evaluation (the network's job in production
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
-from bench.common import emit, held_out_contracts
+from bench.common import best_seconds, emit, held_out_contracts
 from spectral_core import analytic, cos
 from spectral_core.config import CoreConfig
 from spectral_core.spectrum import frequencies, truncation_interval
@@ -39,12 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         common = dict(S0=t["X0"], K=t["K"], r=t["r"], T=t["T"])
         return cos.put(F, a, b, **common), cos.call(F, a, b, **common, d=t["d"])
 
-    price_both()  # warm-up
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        put, call = price_both()
-        best = min(best, time.perf_counter() - start)
+    best = best_seconds(price_both, args.repeats)
+    put, call = price_both()
 
     ref = {k: cols[k] for k in ("K", "T", "r", "d")}
     ref.update(S0=cols["X0"], sigma=cols["v"])

@@ -16,19 +16,10 @@ import time
 import numpy as np
 import QuantLib as ql
 
-from bench.common import emit, held_out_contracts
+from bench.common import best_seconds, emit, held_out_contracts
 from spectral_core.config import CoreConfig
 from spectral_core.cvnn import build_model
 from spectral_core.pricer import Contracts, Pricer
-
-
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def quantlib_prices_per_s(cols: dict[str, np.ndarray], n: int) -> float:
@@ -58,7 +49,7 @@ def quantlib_prices_per_s(cols: dict[str, np.ndarray], n: int) -> float:
             opt.setPricingEngine(engine)
             opt.NPV()
 
-    return n / _best_time(run, 3)
+    return n / best_seconds(run, 3, warm_up=False)
 
 
 def mc_prices_per_s(cols: dict[str, np.ndarray], n: int, *, target_bp: float = 1.0) -> float:
@@ -106,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     pricer = Pricer(model, config)
     cols = held_out_contracts(args.batch, config.domain)
     contracts = Contracts.from_columns(cols)
-    pricer.price(contracts, digitals=False)  # warm-up
-    ours = args.batch / _best_time(lambda: pricer.price(contracts, digitals=False), 10)
+    ours = args.batch / best_seconds(lambda: pricer.price(contracts, digitals=False), 10)
     qlr = quantlib_prices_per_s(cols, args.quantlib_contracts)
     mcr = mc_prices_per_s(cols, args.mc_contracts)
     emit(

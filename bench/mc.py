@@ -9,27 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from bench.common import best_seconds
 from spectral_core.processes.gbm import (
     simulate_log_returns,
     simulate_log_returns_cuda,
     simulate_log_returns_numpy,
 )
-
-
-def _best_seconds(run: Callable[[], Any], repeats: int) -> float:
-    run()  # warm-up: JIT compilation, page faults, caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     out = np.empty((n, args.paths))
     cap = out.nbytes
 
-    kernel_s = _best_seconds(lambda: simulate_log_returns(
+    kernel_s = best_seconds(lambda: simulate_log_returns(
         theta, z, scheme=args.scheme, moment_matching=False, cap_bytes=cap, out=out), args.repeats)
-    numpy_s = _best_seconds(lambda: simulate_log_returns_numpy(
+    numpy_s = best_seconds(lambda: simulate_log_returns_numpy(
         theta, z, scheme=args.scheme, moment_matching=False), args.repeats)
     result: dict[str, Any] = {
         "bench": "mc",
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                                       cap_bytes=cap, out=d_out)
             cuda.synchronize()
 
-        result["cuda_path_steps_per_s"] = round(path_steps / _best_seconds(run_cuda, args.repeats))
+        result["cuda_path_steps_per_s"] = round(path_steps / best_seconds(run_cuda, args.repeats))
     sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
 
 
