@@ -105,11 +105,10 @@ class Trainer:
             contracts_per_draw=config.train.batch_contracts,
             seed=config.sim.seed,
             cap_bytes=config.memory.normals_bytes,
-            device=self.device.type,
+            device="cuda" if self.device.type == "cuda" else "cpu",
         )
         self._stream = self._normals.stream(TRAIN_STREAM)
         self._val_theta, self._val_target = self._build_validation_set()
-        self._t_last = time.perf_counter()
 
     # ------------------------------------------------------------------ batches
     def _spectrum_targets(self, theta: np.ndarray, z: Any) -> tuple[torch.Tensor, float]:
@@ -119,7 +118,7 @@ class Trainer:
         target reaches torch by DLPack (no host copy). Returns (B, N) complex128 on self.device.
         """
         c, xp = self.config, self._xp
-        kw = dict(
+        kw: dict[str, Any] = dict(
             scheme=c.sim.scheme,
             moment_matching=c.sim.moment_matching,
             cap_bytes=c.memory.paths_bytes,
@@ -361,12 +360,12 @@ class Trainer:
         self.__init__(config)  # type: ignore[misc]  # fresh components, then overwrite the state
         self._load_training_state(snapshot.tensors, meta["optim"])
         if meta["best_optim"] is not None:
-            best = {
+            best_state = {
                 k.removeprefix("best."): v
                 for k, v in snapshot.tensors.items()
                 if k.startswith("best.")
             }
-            self._best = (best, meta["best_optim"])
+            self._best = (best_state, meta["best_optim"])
         self.guard_scale = float(meta["guard_scale"])
         self.divergences = int(meta["divergences"])
         torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
