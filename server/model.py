@@ -21,7 +21,7 @@ from datetime import datetime
 import numpy as np
 import structlog
 
-from spectral_core.pricer import Contracts, Pricer
+from spectral_core.pricer import CONTRACT_FIELDS, Contracts, Pricer
 from spectral_core.snapshot import Snapshot
 from storage.chain import PIN_REF, VersionChain, VersionRecord
 from storage.inference import InferenceClient, Loaded, Pinned, Tracking
@@ -256,7 +256,7 @@ class ModelService:
         items = q.items
         cols = {
             name: np.concatenate([getattr(p.contracts, name) for p in items])
-            for name in ("X0", "K", "T", "r", "d", "v")
+            for name in CONTRACT_FIELDS
         }
         merged = Contracts(**cols)
 

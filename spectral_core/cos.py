@@ -191,7 +191,19 @@ def call(
     Direct COS calls integrate e^x up to b and lose ~e^b * eps on wide intervals.
     """
     _check_vector("d", d, F.shape[0])
-    p = put(F=F, a=a, b=b, S0=S0, K=K, r=r, T=T)
+    return call_from_put(put(F=F, a=a, b=b, S0=S0, K=K, r=r, T=T), S0=S0, K=K, r=r, T=T, d=d)
+
+
+def call_from_put(
+    p: torch.Tensor,
+    *,
+    S0: torch.Tensor,
+    K: torch.Tensor,
+    r: torch.Tensor,
+    T: torch.Tensor,
+    d: torch.Tensor,
+) -> torch.Tensor:
+    """Put-call parity: call = put + e^{-rT}(S0 e^{(r-d)T} - K); p is (B,) or (B, S)."""
     if p.ndim == 1:
         return p + S0 * torch.exp(-d * T) - K * torch.exp(-r * T)
     return p + (S0 * torch.exp(-d * T))[:, None] - K * torch.exp(-r * T)[:, None]

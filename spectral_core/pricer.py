@@ -180,8 +180,7 @@ class Pricer:
             disc = torch.exp(-r * T)
             fwd = X0 * torch.exp((r - d) * T)
             put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
-            # Parity, as cos.call does, without pricing the put twice.
-            call = put + disc * (fwd - K)
+            call = cos.call_from_put(put, S0=X0, K=K, r=r, T=T, d=d)  # the put is priced once
             out: dict[str, torch.Tensor] = {
                 "put": put,
                 "call": call,
