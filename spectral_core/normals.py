@@ -25,6 +25,7 @@ A stream's ``position`` counts draws: the skip it was opened with plus the draws
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import threading
@@ -270,7 +271,9 @@ def sobol_points_uint(*, sv: np.ndarray, shift: np.ndarray, start: int, n: int) 
     return out
 
 
-def _threading_layer_is_threadsafe() -> bool:
+@functools.cache
+def threading_layer_is_threadsafe() -> bool:
+    """Whether numba's threading layer takes parallel launches from several threads at once."""
     _inverse_normal_kernel(np.full(1, 0.5), np.empty(1))  # the layer is chosen on first launch
     try:
         return str(numba.threading_layer()) != "workqueue"
@@ -419,7 +422,7 @@ class NormalsSource:
         self._closed = False
         self._lock = threading.Lock()
         self._qmc_kernel: Any = _qmc_normals_parallel
-        if kind == "qmc" and self.prefetch > 0 and not _threading_layer_is_threadsafe():
+        if kind == "qmc" and self.prefetch > 0 and not threading_layer_is_threadsafe():
             self._qmc_kernel = _qmc_normals_serial
         self._plan = bridge_plan(timesteps=self.timesteps)
 

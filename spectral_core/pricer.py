@@ -16,6 +16,7 @@ import torch
 from spectral_core import cos
 from spectral_core.config import PARAM_NAMES, CoreConfig
 from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
+from spectral_core.fastnet import FastSpectralNet, cos_put_digital
 from spectral_core.snapshot import Snapshot
 from spectral_core.spectrum import truncation_interval
 
@@ -79,9 +80,12 @@ class Contracts:
 class Pricer:
     """Prices contracts from a trained SpectralCVNN.
 
-    `reproducible=True` evaluates the network one contract at a time in complex128 so every price
-    is independent of what else is in the batch (GEMM blocking changes the last bits with batch
-    size): the same request gives the same bytes however requests are micro-batched.
+    Without greeks, CPU pricing runs on `FastSpectralNet` (float32 real-block copy of the
+    network, numba COS pass); greeks take autograd through the torch module.
+    `reproducible=True` makes every price independent of what else is in the batch (GEMM
+    blocking changes the last bits with batch size), so the same request gives the same bytes
+    however requests are micro-batched: the fast copy then runs its fixed-order per-row kernel,
+    and greeks evaluate the module one contract at a time in complex128.
     """
 
     def __init__(
@@ -100,6 +104,10 @@ class Pricer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._feature_dtype = torch.float64 if reproducible else torch.float32
+        # Pricing without greeks needs no autograd: on the CPU it runs on a fused float32 copy
+        # of the network (FastSpectralNet), batch-invariant per row when reproducible.
+        fast = isinstance(model, SpectralCVNN) and self.device.type == "cpu"
+        self._fast = FastSpectralNet(self.model) if fast else None
 
     @classmethod
     def from_snapshot(
@@ -149,6 +157,22 @@ class Pricer:
             F = self.model(features)
         return F.to(torch.complex128)
 
+    def _fast_put_digital(
+        self, theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: Contracts, *, spectrum: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(F if `spectrum`, put, digital call) through FastSpectralNet; F has a zero imaginary
+        part, which no COS sum reads."""
+        assert self._fast is not None
+        features = theta_features(theta, self.config.domain)
+        re_f = self._fast.re_spectrum(features, reproducible=self.reproducible)  # (B, N)
+        put, digital = cos_put_digital(re_f, a=a.numpy(), b=b.numpy(), S0=c.X0, K=c.K, r=c.r, T=c.T)
+        re = torch.from_numpy(re_f)
+        return (
+            torch.complex(re, torch.zeros_like(re)) if spectrum else None,
+            torch.from_numpy(put),
+            torch.from_numpy(digital),
+        )
+
     # ------------------------------------------------------------------ pricing
     def price(
         self,
@@ -175,11 +199,20 @@ class Pricer:
         X0, K, T, r, d, v = (col[n] for n in CONTRACT_FIELDS)
         with torch.set_grad_enabled(greeks):
             theta = torch.stack([T, r, d, v], dim=-1)
-            F = self.spectrum(theta)
             a, b = truncation_interval(T, r, d, v, L=self.config.spectrum.truncation_L, xp=torch)
             disc = torch.exp(-r * T)
             fwd = X0 * torch.exp((r - d) * T)
-            put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
+            F: torch.Tensor | None
+            if greeks or self._fast is None:
+                F = self.spectrum(theta)
+                put = cos.put(F, a, b, S0=X0, K=K, r=r, T=T)
+                digital_call = cos.digital_call(F, a, b, S0=X0, K=K, r=r, T=T) if digitals else None
+            else:
+                # no autograd needed: Re F from the fused network, put and digital in one pass
+                F, put, digital_call = self._fast_put_digital(
+                    theta, a, b, contracts, spectrum=metrics
+                )
+                digital_call = digital_call if digitals else None
             call = cos.call_from_put(put, S0=X0, K=K, r=r, T=T, d=d)  # the put is priced once
             out: dict[str, torch.Tensor] = {
                 "put": put,
@@ -188,8 +221,7 @@ class Pricer:
                 "call_intrinsic": disc * torch.clamp(fwd - K, min=0.0),
                 "forward": fwd,
             }
-            if digitals:
-                digital_call = cos.digital_call(F, a, b, S0=X0, K=K, r=r, T=T)
+            if digital_call is not None:
                 out["digital_call"] = digital_call
                 # psi_k(a, x*) + psi_k(x*, b) = psi_k(a, b) = 0 for k >= 1 and F_0 = 1, so the
                 # COS digital put is exactly disc - digital call.
@@ -201,6 +233,7 @@ class Pricer:
                 for kind in ("put", "call"):
                     result.update(_greeks(kind, out[kind], X0=X0, T=T, r=r, v=v))
         if metrics:
+            assert F is not None
             with torch.no_grad():
                 result.update(_metrics(F.detach(), a.detach(), b.detach(), X0.detach(), T.detach()))
         for k, t in out.items():
