@@ -124,7 +124,8 @@ class _Kernel:
     def __init__(self, fn: Any) -> None:
         self.py_func = fn
         self._parallel = numba.njit(cache=True, nogil=True, parallel=True)(fn)
-        self._serial = numba.njit(cache=True, nogil=True)(fn)
+        # not cached: numba's cache key omits `parallel`, so the two builds would share entries
+        self._serial = numba.njit(nogil=True)(fn)
 
     def __call__(self, *args: Any) -> None:
         (self._parallel if threading_layer_is_threadsafe() else self._serial)(*args)

@@ -245,7 +245,8 @@ def _qmc_normals_py(sv: np.ndarray, shift: np.ndarray, start: int, out: np.ndarr
 
 _qmc_normals_parallel = njit(parallel=True, nogil=True, cache=True)(_qmc_normals_py)
 # The workqueue threading layer is not thread-safe; a background producer then runs this one.
-_qmc_normals_serial = njit(nogil=True, cache=True)(_qmc_normals_py)
+# Not cached: numba's cache key omits `parallel`, so it would share the parallel build's entries.
+_qmc_normals_serial = njit(nogil=True)(_qmc_normals_py)
 
 
 def scrambled_sobol_tables(*, dim: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, ...]:
