@@ -3,7 +3,9 @@
 python -m bench.inference
 -> {"bench":"inference","prices_per_s":..,"vs_quantlib_analytic":..,"vs_mc_equal_accuracy":..}
 prices_per_s counts one price per contract: the put, with the call by parity and the intrinsic
-and convexity values in the same pass (digitals off, as the QuantLib baseline prices one put).
+and convexity values in the same pass (digitals off, as the QuantLib baseline prices one put),
+through the batch pricer (float32 GEMM path). reproducible_prices_per_s is the same with
+`Pricer(reproducible=True)`, the server's batch-invariant float64 path, digitals on as served.
 The MC baseline samples S_T directly with antithetic normals and runs each contract until the
 put's standard error is 1 bp of spot.
 """
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     cols = held_out_contracts(args.batch, config.domain)
     contracts = Contracts.from_columns(cols)
     ours = args.batch / best_seconds(lambda: pricer.price(contracts, digitals=False), 10)
+    served = Pricer(model, config, reproducible=True)
+    reproducible = args.batch / best_seconds(lambda: served.price(contracts), 5)
     qlr = quantlib_prices_per_s(cols, args.quantlib_contracts)
     mcr = mc_prices_per_s(cols, args.mc_contracts)
     emit(
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             "bench": "inference",
             "batch": args.batch,
             "prices_per_s": ours,
+            "reproducible_prices_per_s": reproducible,
             "quantlib_prices_per_s": qlr,
             "mc_prices_per_s": mcr,
             "vs_quantlib_analytic": ours / qlr,
