@@ -128,6 +128,16 @@ class Pricer:
         model.load_state_dict(state, strict=True)
         return cls(model, config, device=device, reproducible=reproducible)
 
+    def warm_up(self) -> None:
+        """Price one contract at the centre of the domain, so numba compiles (or loads from its
+        cache) the kernels here rather than inside the first request."""
+        dom = self.config.domain
+        mid = {
+            n: 0.5 * (getattr(dom, p).lower + getattr(dom, p).upper)
+            for n, p in _DOMAIN_FIELD.items()
+        }
+        self.price(Contracts.from_columns({"X0": 100.0, "K": 100.0, **mid}))
+
     # ------------------------------------------------------------------ checks
     def check_domain(self, c: Contracts) -> None:
         """Raise DomainError naming the first contract field outside the trained domain."""

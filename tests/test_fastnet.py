@@ -237,3 +237,10 @@ def test_pricer_fast_path_matches_module_path() -> None:
     for key in ("put_intrinsic", "call_intrinsic", "forward"):
         assert np.array_equal(got[key], ref[key]), key
     assert fast.price(c, digitals=False).keys() == module.price(c, digitals=False).keys()
+
+
+def test_warm_up_prices_the_domain_centre() -> None:
+    config = CoreConfig()
+    model = build_model(config.arch, n_freq=config.spectrum.n_freq)
+    for reproducible in (False, True):
+        Pricer(model, config, reproducible=reproducible).warm_up()  # raises if anything fails
