@@ -21,12 +21,27 @@ def lr_at(cfg: OptimConfig, step: int, *, plateau_scale: float = 1.0) -> float:
         return cfg.lr
     if cfg.schedule == "plateau":
         return max(cfg.lr * plateau_scale, cfg.min_lr)
-    # warmup_cosine: linear warm-up, then cosine decay to min_lr at total_steps, then flat.
+    # warmup_cosine: linear warm-up, cosine decay to min_lr at total_steps, then warm restarts
+    # (cycle i: length total_steps * growth^i, peak lr * decay^i) until a peak is below min_lr.
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.total_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if step < cfg.total_steps:
+        span = max(cfg.total_steps - cfg.warmup_steps, 1)
+        return _cosine(cfg.lr, cfg.min_lr, (step - cfg.warmup_steps) / span)
+    start, cycle = cfg.total_steps, 1
+    while True:
+        peak = cfg.lr * cfg.restart_decay**cycle
+        if peak <= cfg.min_lr:
+            return cfg.min_lr
+        length = max(round(cfg.total_steps * cfg.restart_growth**cycle), 1)
+        if step < start + length:
+            return _cosine(peak, cfg.min_lr, (step - start) / length)
+        start, cycle = start + length, cycle + 1
+
+
+def _cosine(peak: float, floor: float, progress: float) -> float:
+    """Half-cosine from peak (progress 0) to floor (progress 1)."""
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @dataclass

@@ -132,7 +132,7 @@ def test_train_needs_a_budget() -> None:
 
 
 def test_schedules_are_pure_functions_of_step() -> None:
-    cfg = OptimConfig(lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-4)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-4, restart_decay=0.0)
     assert lr_at(cfg, 0) == pytest.approx(1e-3)
     assert lr_at(cfg, 9) == pytest.approx(1e-2)
     assert lr_at(cfg, 60) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))
@@ -142,6 +142,22 @@ def test_schedules_are_pure_functions_of_step() -> None:
     assert lr_at(const, 12345) == 5e-3
     with pytest.raises(ValueError):
         lr_at(cfg, -1)
+
+
+def test_warm_restarts_follow_decaying_longer_cycles() -> None:
+    cfg = OptimConfig(
+        lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-6, restart_decay=0.1,
+        restart_growth=2.0,
+    )  # fmt: skip
+    assert lr_at(cfg, 109) < 1e-5  # the end of the first anneal
+    # cycle 1: steps 110..329 (220 steps) from 1e-3; cycle 2: 330..769 (440 steps) from 1e-4
+    assert lr_at(cfg, 110) == pytest.approx(1e-3)
+    assert lr_at(cfg, 110 + 110) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert lr_at(cfg, 330) == pytest.approx(1e-4)
+    assert lr_at(cfg, 330 + 220) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    # cycle 4 would peak at 1e-6 = min_lr: flat from there on
+    assert lr_at(cfg, 10**7) == 1e-6
+    assert max(lr_at(cfg, s) for s in range(110, 3000)) <= 1e-3
 
 
 def test_plateau_decays_after_patience() -> None:
