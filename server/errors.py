@@ -227,4 +227,12 @@ async def read_json(request: web.Request, model: type[M]) -> M:
         ) from None
     except ValueError as exc:
         raise MalformedBody(f"malformed JSON: {exc}") from None
-    return model.model_validate(data)
+    try:
+        return model.model_validate(data)
+    except OverflowError as exc:
+        # A validator that converts a value (a datetime to UTC, say) can overflow, and pydantic
+        # passes only ValueError on as a field error: still the client's input, so 422.
+        raise RequestInvalid(
+            [FieldError("body", f"a value is out of range once converted: {exc}")],
+            "request is invalid",
+        ) from None

@@ -27,6 +27,7 @@ from server.model import ModelInfo, ModelService, PricedBatch
 from spectral_core.pricer import CONTRACT_FIELDS, GREEKS, Contracts, DomainError
 from storage.marketdata import (
     Finite,
+    MarketDataInvalid,
     MarketDataStore,
     Name,
     PositiveFinite,
@@ -75,7 +76,9 @@ _INPUT_NAME: Mapping[str, str] = {
 }
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STRING_LEN)]
-Version = Annotated[int, Field(ge=1)]
+# The chain's counter range: a larger number can name no version (422, not a store error).
+MAX_VERSION = 9_999_999_999
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 
 
 class _Body(BaseModel):
@@ -130,6 +133,26 @@ def number(x: float | np.floating[Any]) -> float | None:
     """A finite float64 as a Python float (repr round-trips), anything else as null."""
     f = float(x)
     return f if math.isfinite(f) else None
+
+
+def exp(x: float) -> float:
+    """math.exp that overflows to inf instead of raising (client-chosen curves and expiries)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def total(xs: Sequence[float]) -> float:
+    """Exactly rounded sum (independent of order); NaN where it is not a finite number.
+
+    math.fsum raises on an intermediate overflow and on inf + -inf; the answer reports such a
+    total as null, like any other non-finite number.
+    """
+    try:
+        return math.fsum(xs)
+    except (OverflowError, ValueError):
+        return math.nan
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -264,12 +287,12 @@ class _Inputs:
 def _forward_unit(inp: _Inputs, K: float) -> tuple[float, dict[str, float]]:
     """Closed form: discounted forward minus discounted strike, and its partial greeks."""
     S, T, r, d = inp.S0.value, inp.T.value, inp.r.value, inp.d.value
-    df = math.exp(-r * T)
-    fwd = S * math.exp((r - d) * T)
+    df = exp(-r * T)
+    fwd = S * exp((r - d) * T)
     price = df * fwd - df * K
-    carry = S * math.exp(-d * T)
+    carry = S * exp(-d * T)
     greeks = {
-        "delta": math.exp(-d * T),
+        "delta": exp(-d * T),
         "gamma": 0.0,
         "vega": 0.0,
         # theta = -dPV/dT at fixed r and d, the pricer's convention
@@ -320,7 +343,10 @@ def _model_rows(
         for i, inst in enumerate(instruments):
             if inst.type.startswith("digital_"):
                 h = DIGITAL_GREEK_BUMP * inst.strike
-                bumps[i] = (add(i, inst.strike + h), add(i, inst.strike - h))
+                up, down = inst.strike + h, inst.strike - h
+                # No slope where the bump vanishes (subnormal strike) or overflows: null greeks.
+                if math.isfinite(up) and 0.0 < down < up:
+                    bumps[i] = (add(i, up), add(i, down))
     return _Rows(Contracts.from_columns(cols), owner, main, bumps)
 
 
@@ -331,12 +357,15 @@ def _option_greeks(
     if inst.type in ("european_call", "european_put"):
         kind = "call" if inst.type == "european_call" else "put"
         return {g: float(values[f"{kind}_{g}"][j]) for g in GREEKS}
+    if i not in rows.bumps:
+        return dict.fromkeys(GREEKS, math.nan)
     up, down = rows.bumps[i]
     dK = float(rows.contracts.K[up] - rows.contracts.K[down])
     # digital_call = -dC/dK, digital_put = +dP/dK, so each greek is the K-slope of the vanilla's.
     kind, sign = ("call", -1.0) if inst.type == "digital_call" else ("put", 1.0)
     return {
-        g: sign * float(values[f"{kind}_{g}"][up] - values[f"{kind}_{g}"][down]) / dK
+        # Python floats: inf - inf is NaN (a null greek) without a numpy RuntimeWarning.
+        g: sign * (float(values[f"{kind}_{g}"][up]) - float(values[f"{kind}_{g}"][down])) / dK
         for g in GREEKS
     }
 
@@ -360,10 +389,27 @@ async def value_book(
     view = stored.view()
     vdt_text = format_utc(req.val_datetime)
     inputs: list[_Inputs] = []
-    for inst in req.instruments:
+    for i, inst in enumerate(req.instruments):
         T = year_fraction_act365(start=req.val_datetime, end=inst.expiry)
         tq = Quote(T, f"ACT/365 from val_datetime {vdt_text} to expiry {format_utc(inst.expiry)}")
-        sigma = view.vol(inst.underlying, T, inst.strike) if inst.type in MODEL_TYPES else None
+        try:
+            sigma = view.vol(inst.underlying, T, inst.strike) if inst.type in MODEL_TYPES else None
+        except MarketDataInvalid:
+            raise
+        except (ArithmeticError, ValueError) as exc:
+            # A log-moneyness surface is read at ln(K / F), F = S exp((r - d) T): for a far
+            # expiry on a steep curve, or an extreme strike, F or K / F leaves the float range.
+            raise RequestInvalid(
+                [
+                    FieldError(
+                        f"instruments.{i}",
+                        f"no vol can be read off the {inst.underlying} log-moneyness surface at "
+                        f"strike {inst.strike!r}, T = {T!r}: ln(K/F) is outside the float range "
+                        f"({exc})",
+                    )
+                ],
+                "instrument inputs out of range",
+            ) from None
         inputs.append(
             _Inputs(
                 S0=view.spot(inst.underlying),
@@ -427,9 +473,9 @@ async def value_book(
         out_rows.append(row)
 
     # fsum is exactly rounded, so the totals do not depend on summation order.
-    totals: dict[str, Any] = {"price": number(math.fsum(prices)), "instruments": len(out_rows)}
+    totals: dict[str, Any] = {"price": number(total(prices)), "instruments": len(out_rows)}
     if req.greeks:
-        totals["greeks"] = {g: number(math.fsum(total_greeks[g])) for g in GREEKS}
+        totals["greeks"] = {g: number(total(total_greeks[g])) for g in GREEKS}
     snap = stored.snapshot
     return {
         "valuation_namespace": req.valuation_namespace,

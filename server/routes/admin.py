@@ -11,10 +11,11 @@ import re
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.errors import read_json
+from server.errors import FieldError, RequestInvalid, read_json
 from server.keys import CHAIN_KEY, MODEL_KEY, SETTINGS_KEY, WORKER_KEY
+from server.valuation import MAX_VERSION
 from server.worker import TrainingWorker
 
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -23,8 +24,18 @@ _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 class PinBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: Annotated[int, Field(ge=1, le=9_999_999_999)] | None = None
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION)] | None = None
     ref: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = None
+
+    @field_validator("ref")
+    @classmethod
+    def _numeric_ref_is_a_counter(cls, ref: str | None) -> str | None:
+        # chain.resolve reads a ref of digits only as a version counter
+        if ref is not None and ref.isdigit() and not 1 <= int(ref) <= MAX_VERSION:
+            raise ValueError(
+                f"a ref of digits names a version counter, which must be in 1..{MAX_VERSION}"
+            )
+        return ref
 
     @model_validator(mode="after")
     def _one(self) -> PinBody:
@@ -39,8 +50,8 @@ def _unauthorized(detail: str) -> web.HTTPUnauthorized:
     )
 
 
-def require_admin(request: web.Request) -> str:
-    """Check the bearer token (constant-time); return the actor for the audit log."""
+def require_admin(request: web.Request) -> None:
+    """Check the bearer token (constant-time): 401 unless it is the configured one."""
     token = request.app[SETTINGS_KEY].admin.token
     if token is None:
         raise _unauthorized("admin API disabled: no admin token is configured")
@@ -48,26 +59,40 @@ def require_admin(request: web.Request) -> str:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise _unauthorized("missing or malformed bearer token")
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as the raw bytes
+    # they were (never equal to the token), not fail to encode them (a 500).
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given_bytes, token.get_secret_value().encode()):
         raise _unauthorized("invalid bearer token")
+
+
+def admin_actor(request: web.Request) -> str:
+    """`require_admin`, then the actor for the audit log: `admin:<X-Actor>` (default `admin`).
+
+    An X-Actor the audit log cannot record as given is refused (422), not replaced.
+    """
+    require_admin(request)
     actor = request.headers.get("X-Actor", "admin")
-    return f"admin:{actor}" if _ACTOR_RE.match(actor) else "admin:invalid-actor-header"
+    if not _ACTOR_RE.match(actor):
+        raise RequestInvalid(
+            [FieldError("header.X-Actor", f"must match {_ACTOR_RE.pattern}, got {actor[:80]!a}")],
+            "invalid header",
+        )
+    return f"admin:{actor}"
 
 
 async def put_pin(request: web.Request) -> web.Response:
-    actor = require_admin(request)
+    actor = admin_actor(request)
     body = await read_json(request, PinBody)
     service = request.app[MODEL_KEY]
     target: int | str = body.version if body.version is not None else str(body.ref)
     counter = await service.pin(target, actor=actor)
     cur = service.current
-    return web.json_response(
-        {"pinned": counter, "model": None if cur is None else cur.as_json()}
-    )
+    return web.json_response({"pinned": counter, "model": None if cur is None else cur.as_json()})
 
 
 async def delete_pin(request: web.Request) -> web.Response:
-    actor = require_admin(request)
+    actor = admin_actor(request)
     service = request.app[MODEL_KEY]
     old = await service.unpin(actor=actor)
     cur = service.current
@@ -93,7 +118,7 @@ def _worker(request: web.Request) -> TrainingWorker:
 
 
 async def post_pause(request: web.Request) -> web.Response:
-    actor = require_admin(request)
+    actor = admin_actor(request)
     worker = _worker(request)
     worker.pause()
     await request.app[CHAIN_KEY].append_audit("training.pause", actor=actor)
@@ -101,7 +126,7 @@ async def post_pause(request: web.Request) -> web.Response:
 
 
 async def post_resume(request: web.Request) -> web.Response:
-    actor = require_admin(request)
+    actor = admin_actor(request)
     worker = _worker(request)
     worker.resume()
     await request.app[CHAIN_KEY].append_audit("training.resume", actor=actor)
@@ -109,7 +134,7 @@ async def post_resume(request: web.Request) -> web.Response:
 
 
 async def post_commit(request: web.Request) -> web.Response:
-    actor = require_admin(request)
+    actor = admin_actor(request)
     worker = _worker(request)
     try:
         record = await worker.commit_now(actor=actor)

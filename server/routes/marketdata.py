@@ -21,21 +21,27 @@ from storage.marketdata import (
 PREFIX = "/v1/marketdata"
 
 
+def _datetime(text: str, *, path: str) -> datetime | FieldError:
+    """The UTC datetime `text` names, or the field error saying why it names none."""
+    try:
+        return parse_aware_datetime(text, field=path)
+    except MarketDataInvalid as exc:
+        return FieldError(path, exc.reason)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        return FieldError(path, f"{text!r} is outside the datetime range once converted to UTC")
+
+
 def _path_params(request: web.Request) -> tuple[str, datetime]:
     fields: list[FieldError] = []
     namespace = request.match_info["namespace"]
-    val_datetime: datetime | None = None
     try:
         check_name(namespace, field="namespace")
     except MarketDataInvalid as exc:
         fields.append(FieldError("path.namespace", exc.reason))
-    try:
-        val_datetime = parse_aware_datetime(
-            request.match_info["val_datetime"], field="val_datetime"
-        )
-    except MarketDataInvalid as exc:
-        fields.append(FieldError("path.val_datetime", exc.reason))
-    if fields or val_datetime is None:
+    val_datetime = _datetime(request.match_info["val_datetime"], path="path.val_datetime")
+    if isinstance(val_datetime, FieldError):
+        fields.append(val_datetime)
+    if fields or not isinstance(val_datetime, datetime):
         raise RequestInvalid(fields, "invalid path parameters")
     return namespace, val_datetime
 
@@ -44,10 +50,10 @@ def _query_datetime(request: web.Request, name: str) -> datetime | None:
     text = request.query.get(name)
     if text is None:
         return None
-    try:
-        return parse_aware_datetime(text, field=name)
-    except MarketDataInvalid as exc:
-        raise RequestInvalid([FieldError(f"query.{name}", exc.reason)], "invalid query") from None
+    value = _datetime(text, path=f"query.{name}")
+    if isinstance(value, FieldError):
+        raise RequestInvalid([value], "invalid query")
+    return value
 
 
 def _snapshot_json(stored: StoredSnapshot) -> dict[str, Any]:
