@@ -9,6 +9,7 @@ at import time: `load_settings()` is the only entry point that does.
 from __future__ import annotations
 
 import os
+import re
 import string
 import tomllib
 from collections.abc import Mapping
@@ -68,14 +69,27 @@ class StoreSettings(_Group):
         return self
 
 
+# RFC 6750 b64token: what a client can send after "Bearer " byte for byte in a header.
+_BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+
+
 class AdminSettings(_Group):
     # None: every admin route refuses (there is no default token).
     token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AdminSettings:
-        if self.token is not None and len(self.token.get_secret_value()) < 16:
+        if self.token is None:
+            return self
+        value = self.token.get_secret_value()
+        if len(value) < 16:
             raise ValueError("token must be at least 16 characters")
+        if not _BEARER_TOKEN_RE.match(value):
+            # Never echo the token: spaces, quotes or non-ASCII could not be sent as a bearer.
+            raise ValueError(
+                "token may only hold the bearer-token characters A-Z a-z 0-9 - . _ ~ + / "
+                "(with trailing '=' padding)"
+            )
         return self
 
 

@@ -96,6 +96,15 @@ class Metrics:
         self.model_version_info.labels(version=str(version), hash=version_hash).set(1)
 
 
+# HTTP label values come from fixed sets, so clients choosing odd methods (the parser accepts
+# WebDAV's and others) cannot grow the registry: every other method counts as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(request: web.Request) -> str:
+    return request.method if request.method in _METHODS else "other"
+
+
 def route_label(request: web.Request) -> str:
     """The route's canonical path (`/v1/marketdata/{namespace}`): bounded label cardinality."""
     resource = request.match_info.route.resource
@@ -119,9 +128,9 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
             status = exc.status
             raise
         finally:
-            route = route_label(request)
-            metrics.http_requests.labels(route, request.method, str(status)).inc()
-            metrics.http_latency.labels(route, request.method).observe(time.perf_counter() - start)
+            route, method = route_label(request), method_label(request)
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_latency.labels(route, method).observe(time.perf_counter() - start)
 
     return middleware
 
