@@ -94,8 +94,15 @@ def _cmd_store(argv: list[str]) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import faulthandler
+    import signal
+
     from config.settings import load_settings
     from server.app import run_app
+
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: a hung request can be diagnosed
+    # in production without stopping the service.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     try:
         settings = load_settings(config_file=args.config)

@@ -52,8 +52,12 @@ class PricedBatch:
 
 
 def load_pricer(snapshot: Snapshot, record: VersionRecord) -> Pricer:
-    """InferenceClient loader: a fresh, reproducible (float64, batch-invariant) CPU pricer."""
-    return Pricer.from_snapshot(snapshot, device="cpu", reproducible=True)
+    """InferenceClient loader: a fresh, reproducible (float64, batch-invariant) CPU pricer,
+    warmed up (numba kernels compiled or loaded) before it can be swapped in: a cold cache
+    would otherwise make the first request on it wait ~30 s."""
+    pricer = Pricer.from_snapshot(snapshot, device="cpu", reproducible=True)
+    pricer.warm_up()
+    return pricer
 
 
 @dataclass
@@ -88,7 +92,9 @@ class ModelService:
         max_batch_rows: int = 4096,
         on_swap: Callable[[ModelInfo], None] | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_load_failure(kind)`: each failed model poll ("corrupt", "Unavailable", ...)."""
         self.chain = chain
         # A replica told by its settings to serve a fixed version or ref ignores the shared pin.
         self.fixed_target = fixed_target
@@ -97,6 +103,10 @@ class ModelService:
             loader=load_pricer,
             mode=Pinned(fixed_target) if fixed_target is not None else Tracking(),
             poll_interval=poll_interval,
+            # After a store outage the next good version is picked up within a few poll
+            # intervals, never a fixed minute: back off to at most 8 intervals (and 60 s).
+            max_backoff=max(poll_interval, min(60.0, 8.0 * poll_interval)),
+            on_failure=on_load_failure,
         )
         self.poll_interval = poll_interval
         self.batch_wait_s = batch_wait_s

@@ -25,8 +25,14 @@ from spectral_core.snapshot import Snapshot
 from spectral_core.trainer import StepMetrics, Trainer, ValidationMetrics
 from storage.chain import VersionChain, VersionRecord
 from storage.commits import BackgroundCommitter, CommitPlan
+from storage.objectstore import Corrupt, NotFound, Unavailable
 
 log = structlog.get_logger(__name__)
+
+# How many damaged versions below HEAD resuming may step over before it gives up.
+_MAX_RESUME_SKIPS = 16
+# Longest wait between tries to reach the store at start-up.
+_MAX_START_RETRY_S = 10.0
 
 State = Literal["starting", "running", "paused", "finished", "stopped", "error"]
 
@@ -104,41 +110,105 @@ class TrainingWorker:
         self._thread: threading.Thread | None = None
         self._committer: BackgroundCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._starter: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle (event loop side)
     async def start(self) -> None:
         """Read HEAD (to resume from it) and start the training thread."""
         self._loop = asyncio.get_running_loop()
-        snapshot: Snapshot | None = None
         try:
-            head = await self.chain.head()
-            if head is not None:
-                if head.config_fingerprint not in (None, self.config.fingerprint()):
-                    raise ConfigMismatch(
-                        f"chain HEAD (version {head.counter}) was trained with config "
-                        f"{head.config_fingerprint}, settings give {self.config.fingerprint()}; "
-                        "the stored config wins: use the matching [core] settings or a new store"
-                    )
-                snapshot = await self.chain.load_record(head)
-                self.resumed_from = head.counter
+            found = await self._resume_point()
+        except Unavailable as exc:
+            # Resuming needs the chain's HEAD, and training from scratch meanwhile would throw
+            # the stored progress away: keep trying in the background ("starting" until then).
+            self.error = f"waiting for the store: {exc}"
+            log.warning("store unavailable at start; training waits for it", error=str(exc))
+            self._starter = asyncio.create_task(self._start_when_reachable(), name="resume")
+            return
         except Exception as exc:
             self._fail(exc)
             return
+        self._launch(found)
+
+    async def _start_when_reachable(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _MAX_START_RETRY_S)
+            try:
+                found = await self._resume_point()
+            except Unavailable as exc:
+                self.error = f"waiting for the store: {exc}"
+                continue
+            except Exception as exc:
+                self._fail(exc)
+                return
+            self.error = None
+            self._launch(found)
+            return
+
+    def _launch(self, found: tuple[int, Snapshot] | None) -> None:
+        """Start the committer and the training thread from `found` (None: from scratch)."""
+        snapshot: Snapshot | None = None
+        if found is not None:
+            self.resumed_from, snapshot = found
         self._committer = BackgroundCommitter(
             self.chain,
             commit_plan(self.settings),
             loop=self._loop,
             start_step=0 if snapshot is None else int(snapshot.meta["global_step"]),
+            # Counted as each commit ends: a paused or finished loop still reports them.
+            on_result=self._count_commit,
         )
         self._thread = threading.Thread(
             target=self._run, args=(snapshot,), name="spectralmc-training", daemon=True
         )
         self._thread.start()
 
+    async def _resume_point(self) -> tuple[int, Snapshot] | None:
+        """The newest version to resume from: HEAD, or, when HEAD's blob is damaged (bit rot, a
+        lost object), the newest older version whose blob loads, so that a damaged blob stops
+        nothing; `verify` still names the damaged version. None on an empty chain."""
+        record = await self.chain.head()
+        skipped: list[str] = []
+        while record is not None:
+            if record.config_fingerprint not in (None, self.config.fingerprint()):
+                raise ConfigMismatch(
+                    f"chain version {record.counter} was trained with config "
+                    f"{record.config_fingerprint}, settings give {self.config.fingerprint()}; "
+                    "the stored config wins: use the matching [core] settings or a new store"
+                )
+            try:
+                snapshot = await self.chain.load_record(record)
+            except (Corrupt, NotFound) as exc:
+                skipped.append(f"version {record.counter}: {exc}")
+                log.error("cannot resume from version", counter=record.counter, error=str(exc))
+                if record.counter == 1 or len(skipped) >= _MAX_RESUME_SKIPS:
+                    raise Corrupt(
+                        f"no loadable version to resume from: {'; '.join(skipped)}"
+                    ) from None
+                record = await self.chain.get(record.counter - 1)
+                continue
+            if skipped:
+                log.warning(
+                    "resuming past damaged versions", counter=record.counter, skipped=skipped
+                )
+            return record.counter, snapshot
+        return None
+
     async def stop(self) -> None:
         """Stop training after the current step, make the final commit, wait for it."""
         self._stop.set()
         self._running.set()
+        starter, self._starter = self._starter, None
+        if starter is not None and not starter.done():
+            starter.cancel()
+            try:
+                await starter
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # we were cancelled ourselves: do not swallow it
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self._committer is not None:
@@ -167,13 +237,17 @@ class TrainingWorker:
             self._requests.append(_CommitRequest(actor, fut))
         snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         step = snapshot.meta["global_step"]
-        record = await self.chain.commit(
-            snapshot,
-            message=f"manual commit by {actor} at step {step}",
-            metrics=self._training_metrics(),
-            quality=self._quality_metrics(),
-        )
-        self.metrics.commits.labels(result="ok").inc()
+        try:
+            record = await self.chain.commit(
+                snapshot,
+                message=f"manual commit by {actor} at step {step}",
+                metrics=self._training_metrics(),
+                quality=self._quality_metrics(),
+            )
+        except Exception:
+            self._count_commit(False)
+            raise
+        self._count_commit(True)
         return record
 
     # ------------------------------------------------------------------ status
@@ -258,7 +332,6 @@ class TrainingWorker:
         self.started_at = time.monotonic()
         first_step = trainer.global_step
         self.state = "running" if self._running.is_set() else "paused"
-        seen_ok = seen_failed = 0
         try:
             while not self._stop.is_set():
                 self._serve_requests(trainer)
@@ -288,7 +361,6 @@ class TrainingWorker:
                     self._training_metrics(),
                     quality=self._quality_metrics(),
                 )
-                seen_ok, seen_failed = self._count_commits(committer, seen_ok, seen_failed)
             # Final commit of the end state, then wait for it (runs on the server loop).
             self._serve_requests(trainer)
             if trainer.global_step > first_step:
@@ -298,19 +370,14 @@ class TrainingWorker:
                     quality=self._quality_metrics(),
                     timeout=self.settings.server.shutdown_timeout_s,
                 )
-            self._count_commits(committer, seen_ok, seen_failed)
         except Exception as exc:
             self._fail(exc)
         finally:
             trainer.close()
             self._cancel_requests()
 
-    def _count_commits(self, c: BackgroundCommitter, ok: int, failed: int) -> tuple[int, int]:
-        if c.commits_ok > ok:
-            self.metrics.commits.labels(result="ok").inc(c.commits_ok - ok)
-        if c.commits_failed > failed:
-            self.metrics.commits.labels(result="error").inc(c.commits_failed - failed)
-        return c.commits_ok, c.commits_failed
+    def _count_commit(self, ok: bool) -> None:
+        self.metrics.commits.labels(result="ok" if ok else "error").inc()
 
     def _serve_requests(self, trainer: Trainer) -> None:
         with self._lock:

@@ -96,14 +96,18 @@ class BackgroundCommitter:
         clock: Callable[[], float] = time.monotonic,
         close_store: bool = False,
         start_step: int = 0,
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
         """`loop=None`: commits run on this committer's own thread and loop, so the chain's store
-        must not be in use on another loop; `close_store=True` then closes it there at close()."""
+        must not be in use on another loop; `close_store=True` then closes it there at close().
+        `on_result(ok)` is called on the committer thread as each commit succeeds or fails (to
+        count it at once, whatever the training thread is doing)."""
         self.chain = chain
         self.plan = plan
         self._target_loop = loop
         self._clock = clock
         self._close_store = close_store
+        self._on_result = on_result
         self._last_step = start_step
         self._last_time = clock()
         self._cond = threading.Condition()
@@ -219,11 +223,13 @@ class BackgroundCommitter:
                         self.commits_failed += 1
                         self.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("background commit failed: %s", exc)
+                    self._report(False)
                     job.future.set_result(None)
                 else:
                     with self._cond:
                         self.commits_ok += 1
                         self.last_record = record
+                    self._report(True)
                     job.future.set_result(record)
                 finally:
                     with self._cond:
@@ -238,6 +244,13 @@ class BackgroundCommitter:
                         log.warning("closing the store failed: %s", exc)
                 own_loop.run_until_complete(own_loop.shutdown_asyncgens())
                 own_loop.close()
+
+    def _report(self, ok: bool) -> None:
+        if self._on_result is not None:
+            try:
+                self._on_result(ok)
+            except Exception:  # a broken callback must not stop the committer
+                log.exception("commit result callback failed")
 
     def _execute(
         self,

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 from spectral_core.snapshot import Snapshot
 from storage.chain import Clock, VersionChain, VersionRecord, utc_now, validate_ref_name
+from storage.objectstore import Corrupt
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -74,7 +75,10 @@ class InferenceClient(Generic[T]):
         clock: Clock = utc_now,
         cache_size: int = 4,
         seed: int | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_failure(kind)` is called for each failed poll: "corrupt" (a version refused by
+        its integrity check) or the exception's name ("Unavailable", ...), e.g. to count it."""
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         if not max_backoff >= poll_interval:
@@ -100,6 +104,11 @@ class InferenceClient(Generic[T]):
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.last_error_at: datetime | None = None
+        # Versions whose blob failed its integrity check, by version_hash -> (counter, reason).
+        # Bytes under a content hash never heal, so they are not downloaded again; each poll that
+        # still wants one is refused at once (and counted) until a newer good version appears.
+        self.rejected: dict[str, tuple[int, str]] = {}
+        self.on_failure = on_failure
 
     @property
     def current(self) -> Loaded[T] | None:
@@ -108,7 +117,16 @@ class InferenceClient(Generic[T]):
     # -- loading ----------------------------------------------------------------------------------
 
     async def _build(self, record: VersionRecord, mode: str) -> Loaded[T]:
-        snapshot = await self.chain.load_record(record)  # size + SHA-256 checked before decoding
+        known_bad = self.rejected.get(record.version_hash)
+        if known_bad is not None:
+            raise Corrupt(f"version {record.counter} refused earlier: {known_bad[1]}")
+        try:
+            # size + SHA-256 checked before decoding
+            snapshot = await self.chain.load_record(record)
+        except Corrupt as exc:
+            self.rejected[record.version_hash] = (record.counter, str(exc))
+            log.error("version %d is corrupt; keeping the current model: %s", record.counter, exc)
+            raise
         value = await asyncio.to_thread(self.loader, snapshot, record)
         return Loaded(value=value, record=record, mode=mode, since=self.clock())
 
@@ -143,14 +161,29 @@ class InferenceClient(Generic[T]):
     async def _poll_once(self) -> None:
         try:
             await self.refresh()
+        except Corrupt as exc:
+            # Not transient: backing off would only delay picking up the next good version.
+            self.load_failures += 1
+            self.consecutive_failures = 0  # the store answered
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error_at = self.clock()
+            self._report("corrupt")
         except Exception as exc:  # keep serving the last good version; report and back off
             self.load_failures += 1
             self.consecutive_failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.last_error_at = self.clock()
             log.warning("model refresh failed (%d in a row): %s", self.consecutive_failures, exc)
+            self._report(type(exc).__name__)
         else:
             self.consecutive_failures = 0
+
+    def _report(self, kind: str) -> None:
+        if self.on_failure is not None:
+            try:
+                self.on_failure(kind)
+            except Exception:  # a broken callback must not stop polling
+                log.exception("model refresh failure callback failed")
 
     def _next_delay(self) -> float:
         if self.consecutive_failures == 0:
