@@ -21,22 +21,23 @@ def lr_at(cfg: OptimConfig, step: int, *, plateau_scale: float = 1.0) -> float:
         return cfg.lr
     if cfg.schedule == "plateau":
         return max(cfg.lr * plateau_scale, cfg.min_lr)
-    # warmup_cosine: linear warm-up, cosine decay to min_lr at total_steps, then warm restarts
-    # (cycle i: length total_steps * growth^i, peak lr * decay^i) until a peak is below min_lr.
+    # warmup_cosine: linear warm-up, cosine decay to min_lr at total_steps, then restart_cycles
+    # warm restarts (cycle i: length total_steps * growth^i, peak lr * decay^i), then min_lr.
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step < cfg.total_steps:
         span = max(cfg.total_steps - cfg.warmup_steps, 1)
         return _cosine(cfg.lr, cfg.min_lr, (step - cfg.warmup_steps) / span)
     start, cycle = cfg.total_steps, 1
-    while True:
+    while cycle <= cfg.restart_cycles:
         peak = cfg.lr * cfg.restart_decay**cycle
         if peak <= cfg.min_lr:
-            return cfg.min_lr
+            break
         length = max(round(cfg.total_steps * cfg.restart_growth**cycle), 1)
         if step < start + length:
             return _cosine(peak, cfg.min_lr, (step - start) / length)
         start, cycle = start + length, cycle + 1
+    return cfg.min_lr
 
 
 def _cosine(peak: float, floor: float, progress: float) -> float:

@@ -132,7 +132,7 @@ def test_train_needs_a_budget() -> None:
 
 
 def test_schedules_are_pure_functions_of_step() -> None:
-    cfg = OptimConfig(lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-4, restart_decay=0.0)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-4, restart_cycles=0)
     assert lr_at(cfg, 0) == pytest.approx(1e-3)
     assert lr_at(cfg, 9) == pytest.approx(1e-2)
     assert lr_at(cfg, 60) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))
@@ -147,7 +147,7 @@ def test_schedules_are_pure_functions_of_step() -> None:
 def test_warm_restarts_follow_decaying_longer_cycles() -> None:
     cfg = OptimConfig(
         lr=1e-2, warmup_steps=10, total_steps=110, min_lr=1e-6, restart_decay=0.1,
-        restart_growth=2.0,
+        restart_growth=2.0, restart_cycles=5,
     )  # fmt: skip
     assert lr_at(cfg, 109) < 1e-5  # the end of the first anneal
     # cycle 1: steps 110..329 (220 steps) from 1e-3; cycle 2: 330..769 (440 steps) from 1e-4
@@ -158,6 +158,9 @@ def test_warm_restarts_follow_decaying_longer_cycles() -> None:
     # cycle 4 would peak at 1e-6 = min_lr: flat from there on
     assert lr_at(cfg, 10**7) == 1e-6
     assert max(lr_at(cfg, s) for s in range(110, 3000)) <= 1e-3
+    once = cfg.model_copy(update={"restart_cycles": 1})
+    assert lr_at(once, 110) == pytest.approx(1e-3)
+    assert lr_at(once, 330) == lr_at(once, 10**6) == 1e-6  # one restart, then flat
 
 
 def test_plateau_decays_after_patience() -> None:
