@@ -64,6 +64,20 @@ class ValidationMetrics:
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float | None]) -> ValidationMetrics:
+        """Inverse of as_dict; None (a non-finite value as stored in JSON) reads back as NaN."""
+        def value(key: str) -> float:
+            v = d[key]
+            return math.nan if v is None else float(v)
+
+        return cls(
+            step=int(value("step")),
+            val_loss=value("val_loss"),
+            mean_abs_bp=value("mean_abs_bp"),
+            max_abs_bp=value("max_abs_bp"),
+        )
+
 
 def make_optimizer(cfg: CoreConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     o = cfg.optim
@@ -378,6 +392,9 @@ class Trainer:
         self.plateau = PlateauState.from_json(meta["plateau"])
         best = meta.get("best_val")
         self.best_val = math.inf if best is None else float(best)
+        v = meta.get("validation")
+        # restored too, so a resumed run's snapshots equal an uninterrupted run's, meta included
+        self.last_validation = None if v is None else ValidationMetrics.from_dict(v)
         self.evals_without_improvement = int(meta["evals_without_improvement"])
 
     def close(self) -> None:

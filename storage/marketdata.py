@@ -76,7 +76,18 @@ class DerivedFromMismatch(Conflict):
 
 
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        raise ValueError(f"{value.isoformat()} is outside the datetime range in UTC") from None
+
+
+def _safe_exp(x: float) -> float:
+    """exp that returns inf instead of raising OverflowError (a far-out forward is not a 500)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -170,7 +181,9 @@ class MarketData(_Doc):
     """The market content of a snapshot."""
 
     spots: dict[Name, PositiveFinite] = Field(default_factory=dict)
-    fixings: dict[Name, list[Fixing]] = Field(default_factory=dict)
+    fixings: dict[Name, Annotated[list[Fixing], Field(max_length=1000)]] = Field(
+        default_factory=dict
+    )
     zero_curves: dict[Name, Curve] = Field(default_factory=dict)
     discount_curve: Name | None = None
     dividend_curves: dict[Name, Curve] = Field(default_factory=dict)
@@ -278,7 +291,10 @@ def parse_aware_datetime(text: str, *, field: str) -> datetime:
 def require_aware(value: datetime, *, field: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise MarketDataInvalid(field, f"{value.isoformat()} has no timezone")
-    return value.astimezone(UTC)
+    try:
+        return _to_utc(value)
+    except ValueError as exc:
+        raise MarketDataInvalid(field, str(exc)) from None
 
 
 def datetime_token(value: datetime) -> str:
@@ -456,7 +472,7 @@ class MarketView:
 
     def discount_factor(self, T: float, *, curve: str | None = None) -> Quote:
         r = self.zero_rate(T, curve=curve)
-        return Quote(math.exp(-r.value * T), f"exp(-r T) from {r.source}")
+        return Quote(_safe_exp(-r.value * T), f"exp(-r T) from {r.source}")
 
     def dividend_yield(self, underlying: str, T: float) -> Quote:
         try:
@@ -471,7 +487,7 @@ class MarketView:
         s = self.spot(underlying)
         r = self.zero_rate(T)
         q = self.dividend_yield(underlying, T)
-        value = s.value * math.exp((r.value - q.value) * T)
+        value = s.value * _safe_exp((r.value - q.value) * T)
         return Quote(value, f"{s.source} * exp((r - q) T); r: {r.source}; q: {q.source}")
 
     def vol(self, underlying: str, T: float, K: float) -> Quote:
@@ -487,8 +503,10 @@ class MarketView:
         if surface.strikes is not None:
             x, label, extra = K, f"K={K:g}", ""
         else:
-            fwd = self.forward(underlying, T)
-            x = math.log(K / fwd.value)
+            fwd = self.forward(underlying, T)  # for the source text; may be inf or 0
+            s, r, q = self.spot(underlying), self.zero_rate(T), self.dividend_yield(underlying, T)
+            # ln(K/F) in log space: no overflow or log(0) for far-out forwards
+            x = math.log(K) - math.log(s.value) - (r.value - q.value) * T
             label, extra = f"ln(K/F)={x:.6g}", f"; F: {fwd.source}"
         value = float(
             interpolate_vol(expiries=surface.expiries, axis=axis, vols=surface.vols, t=T, x=x)

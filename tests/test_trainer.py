@@ -59,6 +59,8 @@ def test_resume_is_bit_exact(optimizer: str, schedule: str) -> None:
 
     snap = decode_checkpoint(blob, expected_sha256=hashlib.sha256(blob).hexdigest())
     with Trainer.restore(snap) as resumed:
+        assert snap.meta["validation"] is not None  # n crosses a validation
+        assert resumed.snapshot().meta == snap.meta  # the metadata round-trips too
         resumed.train(steps=m)
         got = _params(resumed)
         assert resumed.global_step == n + m
