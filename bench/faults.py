@@ -680,6 +680,9 @@ def corrupted_blob_at_head(lab: Lab, *, trainer: bool = False) -> ScenarioResult
     expect(status == 200 and b"version 1" in raw, f"/readyz: {status} {raw!r}")
     expect(s.serving_version() == 1, "the serving version changed")
     res.details["load_failures"] = s.admin_status()["model"]["load_failures"]
+    counted = metric(s.metrics(), "spectralmc_model_load_failures_total", kind="corrupt")
+    res.details["metrics_load_failures"] = counted
+    expect(counted >= 1, "the refused version is not counted in /metrics")
     if trainer:
         b = lab.server("b", lab.settings(bucket, training={"commit": {"every_steps": 5}}))
         b.wait_healthy()

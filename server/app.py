@@ -103,6 +103,7 @@ def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) ->
         fixed_target=fixed,
         on_swap=on_swap,
         on_batch=on_batch,
+        on_load_failure=lambda kind: metrics.model_load_failures.labels(kind=kind).inc(),
     )
 
 

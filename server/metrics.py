@@ -53,6 +53,13 @@ class Metrics:
         self.model_swaps = Counter(
             "model_swaps", "Hot swaps of the serving model", namespace=ns, registry=registry
         )
+        self.model_load_failures = Counter(
+            "model_load_failures",
+            "Failed model polls or loads, by kind (corrupt, Unavailable, ...)",
+            ["kind"],
+            namespace=ns,
+            registry=registry,
+        )
         self.training_step = Gauge(
             "training_step", "Last training step", namespace=ns, registry=registry
         )

@@ -152,10 +152,11 @@ async def test_pin_older_version_then_unpin(running: Any) -> None:
     await asyncio.sleep(0.4)  # several polls: the pin holds while training commits more
     assert (await training_status(client))["model"]["loaded"]["counter"] == 1
 
+    # HEAD read before the unpin: training may commit again between the unpin's swap and now
+    head = await app[CHAIN_KEY].head()
     resp = await client.delete("/v1/admin/model/pin", headers=AUTH)
     assert resp.status == 200
     assert (await resp.json())["unpinned"] == 1
-    head = await app[CHAIN_KEY].head()
     loaded = (await training_status(client))["model"]["loaded"]
     assert loaded["mode"] == "tracking" and loaded["counter"] >= head.counter
     log = [(e.action, e.ref, e.old, e.new) for e in await app[CHAIN_KEY].log()]

@@ -71,3 +71,27 @@ async def test_bad_requests_fail_alone_and_errors_name_the_cause() -> None:
             await service.price(contracts(1, 0), version=9)
     finally:
         await service.aclose()
+
+
+async def test_a_refused_version_is_counted_in_metrics(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    from storage.chain import blob_key
+    from tests.server_fixtures import make_settings, start_client
+
+    store = MemoryStore()
+    await commit_model(store)
+    rec2 = await commit_model(store, which=1)
+    blob = await store.get(blob_key(rec2.blob_sha256))
+    rotted = blob.data[:-1] + bytes([blob.data[-1] ^ 0xFF])
+    await store.put_if_match(blob_key(rec2.blob_sha256), rotted, blob.etag)
+    client = await start_client(
+        aiohttp_client, store=store, settings=make_settings(poll_interval_s=0.05), wait_ready=False
+    )
+    line = 'spectralmc_model_load_failures_total{kind="corrupt"}'
+    for _ in range(200):
+        text = await (await client.get("/metrics")).text()
+        counted = [ln for ln in text.splitlines() if ln.startswith(line)]
+        if counted and float(counted[0].split()[-1]) >= 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"no corrupt load counted:\n{text}")
