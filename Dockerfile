@@ -24,6 +24,16 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
  && /opt/venv/bin/pip install '.[gpu]'
 COPY openapi.yaml ./
+# Compile the numba pricing kernels once at build time into a cache the service user can read
+# and extend (a read-only in-tree cache would be ignored); the loader still warms up before the
+# first model swap, which is a cache hit when the host CPU matches the build's.
+ENV NUMBA_CACHE_DIR=/opt/numba-cache
+RUN mkdir -p /opt/numba-cache \
+ && /opt/venv/bin/python -c "from spectral_core.config import CoreConfig; \
+from spectral_core.cvnn import build_model; from spectral_core.pricer import Pricer; \
+c = CoreConfig(); m = build_model(c.arch, n_freq=c.spectrum.n_freq); \
+[Pricer(m, c, reproducible=r).warm_up() for r in (False, True)]" \
+ && chown -R spectralmc /opt/numba-cache
 
 USER spectralmc
 ENV PATH=/opt/venv/bin:$PATH \
