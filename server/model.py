@@ -25,7 +25,7 @@ from spectral_core.pricer import CONTRACT_FIELDS, Contracts, Pricer
 from spectral_core.snapshot import Snapshot
 from storage.chain import PIN_REF, VersionChain, VersionRecord
 from storage.inference import InferenceClient, Loaded, Pinned, Tracking
-from storage.objectstore import NotFound
+from storage.objectstore import Corrupt, NotFound, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -225,6 +225,12 @@ class ModelService:
                 loaded = await self.client.load_version(version)
             except NotFound:
                 raise NotFound(f"model version {version} does not exist") from None
+            except Corrupt:
+                # the store's integrity problem, not the client's: 503 with a reason, logged
+                log.warning("model version failed its integrity check", version=version)
+                raise Unavailable(
+                    f"model version {version} failed its integrity check and cannot be served"
+                ) from None
             info = self.info(loaded, mode="version")
         else:
             cur = self.client.current

@@ -95,3 +95,25 @@ async def test_a_refused_version_is_counted_in_metrics(aiohttp_client) -> None: 
         await asyncio.sleep(0.05)
     else:
         raise AssertionError(f"no corrupt load counted:\n{text}")
+
+
+async def test_pricing_on_a_corrupt_explicit_version_is_unavailable() -> None:
+    from storage.chain import blob_key
+    from storage.objectstore import Unavailable
+
+    store = MemoryStore()
+    await commit_model(store)
+    rec2 = await commit_model(store, which=1)
+    blob = await store.get(blob_key(rec2.blob_sha256))
+    rotted = blob.data[:-1] + bytes([blob.data[-1] ^ 0xFF])
+    await store.put_if_match(blob_key(rec2.blob_sha256), rotted, blob.etag)
+    service = ModelService(VersionChain(store), poll_interval=60.0, fixed_target=1)
+    await service.start()
+    try:
+        cols = {"X0": 100.0, "K": 100.0, "T": 1.0, "r": 0.02, "d": 0.0, "v": 0.2}
+        c = Contracts.from_columns(cols)
+        assert (await service.price(c, version=1)).model.counter == 1
+        with pytest.raises(Unavailable, match="version 2 failed its integrity check"):
+            await service.price(c, version=2)
+    finally:
+        await service.aclose()
