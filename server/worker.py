@@ -26,6 +26,7 @@ from spectral_core.trainer import StepMetrics, Trainer, ValidationMetrics
 from storage.chain import VersionChain, VersionRecord
 from storage.commits import BackgroundCommitter, CommitPlan
 from storage.objectstore import Corrupt, NotFound, Unavailable
+from storage.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -202,13 +203,7 @@ class TrainingWorker:
         self._running.set()
         starter, self._starter = self._starter, None
         if starter is not None and not starter.done():
-            starter.cancel()
-            try:
-                await starter
-            except asyncio.CancelledError:
-                me = asyncio.current_task()
-                if me is not None and me.cancelling():
-                    raise  # we were cancelled ourselves: do not swallow it
+            await cancel_and_wait(starter)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self._committer is not None:

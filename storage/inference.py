@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from spectral_core.snapshot import Snapshot
 from storage.chain import Clock, VersionChain, VersionRecord, utc_now, validate_ref_name
 from storage.objectstore import Corrupt
+from storage.tasks import cancel_and_wait
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -217,14 +218,7 @@ class InferenceClient(Generic[T]):
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                me = asyncio.current_task()
-                if me is not None and me.cancelling():
-                    raise  # we were cancelled ourselves: do not swallow it
+        await cancel_and_wait(task)
 
     async def load_version(self, counter: int) -> Loaded[T]:
         """Load one exact version (to reproduce an old answer); a small LRU cache keeps a few."""
