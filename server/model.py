@@ -11,7 +11,6 @@ batch-invariant forward pass, so the same request gives the same bytes however i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from spectral_core.snapshot import Snapshot
 from storage.chain import PIN_REF, VersionChain, VersionRecord
 from storage.inference import InferenceClient, Loaded, Pinned, Tracking
 from storage.objectstore import Corrupt, NotFound, Unavailable
+from storage.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -129,10 +129,7 @@ class ModelService:
 
     async def aclose(self) -> None:
         task, self._pin_task = self._pin_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self.client.aclose()
         for t in list(self._flushers):
             t.cancel()
