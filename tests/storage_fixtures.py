@@ -17,6 +17,7 @@ import torch
 from moto.server import ThreadedMotoServer
 
 from spectral_core.snapshot import Snapshot
+from storage.chain import blob_key
 from storage.localstore import LocalStore
 from storage.objectstore import MemoryStore, ObjectStore
 from storage.s3store import S3Store
@@ -119,3 +120,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     ab = a.contiguous().reshape(-1).view(torch.uint8)
     bb = b.contiguous().reshape(-1).view(torch.uint8)
     return bool(torch.equal(ab, bb))
+
+
+async def rot_blob(store: ObjectStore, blob_sha256: str) -> None:
+    """Bit rot in a stored checkpoint blob: its last byte flipped in place (never a no-op)."""
+    key = blob_key(blob_sha256)
+    blob = await store.get(key)
+    await store.put_if_match(key, blob.data[:-1] + bytes([blob.data[-1] ^ 0xFF]), blob.etag)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from spectral_core.snapshot import Snapshot
-from storage.chain import VersionChain, VersionRecord, blob_key
+from storage.chain import VersionChain, VersionRecord
 from storage.inference import InferenceClient, Pinned, Tracking
 from storage.objectstore import MemoryStore, ObjectStore, StoredObject, Unavailable
 from storage.retry import RetryPolicy
-from tests.storage_fixtures import make_snapshot
+from tests.storage_fixtures import make_snapshot, rot_blob
 
 FAST = RetryPolicy(attempts=2, base_delay_s=0.0, max_delay_s=0.0)
 
@@ -164,8 +164,7 @@ async def test_failures_keep_the_last_good_version_and_recover() -> None:
     assert client.current.record.counter == 1  # type: ignore[union-attr]
     # A corrupt newest blob: refused, version 1 keeps serving, the error is reported.
     rec2 = await chain.commit(snap(2))
-    blob = await inner.get(blob_key(rec2.blob_sha256))
-    await inner.put_if_match(blob_key(rec2.blob_sha256), blob.data[:-1] + b"\x00", blob.etag)
+    await rot_blob(inner, rec2.blob_sha256)
     await wait_for(lambda: client.load_failures >= 2)
     assert client.current.record.counter == 1 and "Corrupt" in (client.last_error or "")  # type: ignore[union-attr]
     # Store outage: still serving, failures counted, no give-up.

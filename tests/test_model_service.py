@@ -12,6 +12,7 @@ from spectral_core.pricer import Contracts, DomainError
 from storage.chain import VersionChain
 from storage.objectstore import MemoryStore, NotFound
 from tests.server_fixtures import commit_model
+from tests.storage_fixtures import rot_blob
 
 
 def contracts(n: int, seed: int) -> Contracts:
@@ -74,15 +75,12 @@ async def test_bad_requests_fail_alone_and_errors_name_the_cause() -> None:
 
 
 async def test_a_refused_version_is_counted_in_metrics(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    from storage.chain import blob_key
     from tests.server_fixtures import make_settings, start_client
 
     store = MemoryStore()
     await commit_model(store)
     rec2 = await commit_model(store, which=1)
-    blob = await store.get(blob_key(rec2.blob_sha256))
-    rotted = blob.data[:-1] + bytes([blob.data[-1] ^ 0xFF])
-    await store.put_if_match(blob_key(rec2.blob_sha256), rotted, blob.etag)
+    await rot_blob(store, rec2.blob_sha256)
     client = await start_client(
         aiohttp_client, store=store, settings=make_settings(poll_interval_s=0.05), wait_ready=False
     )
@@ -98,15 +96,12 @@ async def test_a_refused_version_is_counted_in_metrics(aiohttp_client) -> None: 
 
 
 async def test_pricing_on_a_corrupt_explicit_version_is_unavailable() -> None:
-    from storage.chain import blob_key
     from storage.objectstore import Unavailable
 
     store = MemoryStore()
     await commit_model(store)
     rec2 = await commit_model(store, which=1)
-    blob = await store.get(blob_key(rec2.blob_sha256))
-    rotted = blob.data[:-1] + bytes([blob.data[-1] ^ 0xFF])
-    await store.put_if_match(blob_key(rec2.blob_sha256), rotted, blob.etag)
+    await rot_blob(store, rec2.blob_sha256)
     service = ModelService(VersionChain(store), poll_interval=60.0, fixed_target=1)
     await service.start()
     try:
