@@ -104,8 +104,8 @@ class Pricer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._feature_dtype = torch.float64 if reproducible else torch.float32
-        # Pricing without greeks needs no autograd: on the CPU it runs on a fused float32 copy
-        # of the network (FastSpectralNet), batch-invariant per row when reproducible.
+        # Pricing without greeks needs no autograd: on the CPU it runs on FastSpectralNet
+        # (float32 GEMMs; the float64 fixed-order per-row kernel when reproducible).
         fast = isinstance(model, SpectralCVNN) and self.device.type == "cpu"
         self._fast = FastSpectralNet(self.model) if fast else None
 
