@@ -10,24 +10,24 @@ from typing import Any
 
 import numpy as np
 
-from spectral_core.config import DomainConfig
+from spectral_core.config import PROCESS_NAMES, Domain
+from spectral_core.processes import get_process
+from spectral_core.processes.domains import DOMAINS
 
 
-def held_out_contracts(
-    n: int, domain: DomainConfig, *, seed: int = 20261127
-) -> dict[str, np.ndarray]:
+def held_out_contracts(n: int, domain: Domain, *, seed: int = 20261127) -> dict[str, np.ndarray]:
     """n contracts uniform over the domain, strikes 0.7x..1.3x the forward, spot 100.
 
-    Drawn with a pseudo-random generator, not the trainer's Sobol sequence, so they are held out.
+    Columns are the request fields of the domain's process (GBM: X0, K, T, r, d, v). Drawn with a
+    pseudo-random generator, not the trainer's Sobol sequence, so they are held out.
     """
+    process = get_process(next(p for p in PROCESS_NAMES if DOMAINS[p] is type(domain)))
     rng = np.random.default_rng(seed)
-    T = rng.uniform(domain.T.lower, domain.T.upper, n)
-    r = rng.uniform(domain.r.lower, domain.r.upper, n)
-    d = rng.uniform(domain.d.lower, domain.d.upper, n)
-    v = rng.uniform(domain.sigma.lower, domain.sigma.upper, n)
+    cols = {field: rng.uniform(domain.bounds(name).lower, domain.bounds(name).upper, n)
+            for field, name in zip(process.request_fields, domain.names, strict=True)}
     X0 = np.full(n, 100.0)
-    K = X0 * np.exp((r - d) * T) * rng.uniform(0.7, 1.3, n)
-    return {"X0": X0, "K": K, "T": T, "r": r, "d": d, "v": v}
+    K = X0 * np.exp((cols["r"] - cols["d"]) * cols["T"]) * rng.uniform(0.7, 1.3, n)
+    return {"X0": X0, "K": K, **cols}
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -315,7 +315,7 @@ class TrainingWorker:
     def _run(self, snapshot: Snapshot | None) -> None:
         try:
             trainer = Trainer(self.config) if snapshot is None else Trainer.restore(
-                snapshot, device=self.config.device
+                snapshot, device=self.config.device, process=self.config.process
             )
         except Exception as exc:
             self._fail(exc)

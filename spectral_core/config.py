@@ -8,54 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PARAM_NAMES: tuple[str, ...] = ("T", "r", "d", "sigma")
+from spectral_core.processes.domains import (
+    DOMAINS,
+    BatesDomain,
+    Bounds,
+    Domain,
+    GbmDomain,
+    HestonDomain,
+)
+
+ProcessName = Literal["gbm", "heston", "bates"]
+PROCESS_NAMES: tuple[str, ...] = ("gbm", "heston", "bates")
+# theta columns of GBM, the process every config had before the process library
+PARAM_NAMES: tuple[str, ...] = GbmDomain.names
+# The GBM domain keeps its historical name.
+DomainConfig = GbmDomain
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Bounds(_Frozen):
-    """A closed interval [lower, upper] with lower < upper, both finite."""
-
-    lower: float
-    upper: float
-
-    @model_validator(mode="after")
-    def _check(self) -> Bounds:
-        if not (math.isfinite(self.lower) and math.isfinite(self.upper)):
-            raise ValueError(f"bounds must be finite, got [{self.lower}, {self.upper}]")
-        if not self.lower < self.upper:
-            raise ValueError(f"lower must be < upper, got [{self.lower}, {self.upper}]")
-        return self
-
-
-class DomainConfig(_Frozen):
-    """Training domain of the GBM parameters theta = (T, r, d, sigma). Every field is bounded."""
-
-    T: Bounds = Bounds(lower=0.02, upper=5.0)
-    r: Bounds = Bounds(lower=-0.02, upper=0.10)
-    d: Bounds = Bounds(lower=0.0, upper=0.08)
-    sigma: Bounds = Bounds(lower=0.05, upper=1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> DomainConfig:
-        if self.T.lower <= 0.0:
-            raise ValueError(f"T.lower must be > 0, got {self.T.lower}")
-        if self.sigma.lower <= 0.0:
-            raise ValueError(f"sigma.lower must be > 0, got {self.sigma.lower}")
-        return self
-
-    def lower(self) -> tuple[float, ...]:
-        return tuple(getattr(self, n).lower for n in PARAM_NAMES)
-
-    def upper(self) -> tuple[float, ...]:
-        return tuple(getattr(self, n).upper for n in PARAM_NAMES)
 
 
 class SimConfig(_Frozen):
@@ -64,9 +39,17 @@ class SimConfig(_Frozen):
     # QMC with a fresh scramble per draw: 256 paths a contract give CF noise well under what the
     # network resolves, and more optimiser steps per second beat more paths (bench/accuracy.py).
     paths_per_contract: int = Field(default=256, ge=2)
+    # GBM's log_euler step is exact in law, so one step; the Heston and Bates default
+    # (HESTON_TIMESTEPS) is set by CoreConfig when the table leaves it out.
     timesteps: int = Field(default=1, ge=1, le=4096)
-    scheme: Literal["log_euler", "euler"] = "log_euler"
+    # gbm: log_euler | euler; heston and bates: qe (Andersen's quadratic-exponential variance)
+    scheme: Literal["log_euler", "euler", "qe"] = "log_euler"
     moment_matching: bool = False
+    # qe only: Andersen's martingale correction of the log-price drift
+    martingale_correction: bool = True
+    # heston and bates: "conditional" (Rao-Blackwellised: the CF of x given each variance path,
+    # averaged) or "binned" (x sampled from that conditional law, binned and FFT'd like GBM)
+    label: Literal["conditional", "binned"] = "conditional"
     normals: Literal["qmc", "philox"] = "qmc"
     seed: int = Field(default=0, ge=0)
 
@@ -147,8 +130,16 @@ class MemoryConfig(_Frozen):
     batch_bytes: int = Field(default=256 * 2**20, ge=1)
 
 
+# Keys of the JSON form that a GBM config leaves out: they did not exist before the process
+# library and do not apply to GBM, so a GBM config keeps the JSON and fingerprint it always had.
+_GBM_OMITTED_SIM = ("martingale_correction", "label")
+# Default step count of the QE variance scheme (bench.mc: discretisation bias below 0.1 bp).
+HESTON_TIMESTEPS = 32
+
+
 class CoreConfig(_Frozen):
-    domain: DomainConfig = DomainConfig()
+    process: ProcessName = "gbm"
+    domain: GbmDomain | HestonDomain | BatesDomain = GbmDomain()
     sim: SimConfig = SimConfig()
     spectrum: SpectrumConfig = SpectrumConfig()
     arch: ArchConfig = ArchConfig()
@@ -157,12 +148,92 @@ class CoreConfig(_Frozen):
     memory: MemoryConfig = MemoryConfig()
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _process_defaults(cls, data: Any) -> Any:
+        """The domain (and, for heston and bates, the scheme and step count) default per process;
+        a domain given as a mapping is read as the domain of the named process."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        process = data.get("process", "gbm")
+        if process not in DOMAINS:
+            return data  # the Literal reports it
+        domain_cls = DOMAINS[process]
+        domain = data.get("domain")
+        if domain is None:
+            data["domain"] = domain_cls()
+        elif isinstance(domain, dict):
+            data["domain"] = domain_cls.model_validate(domain)
+        if process != "gbm":
+            sim = data.get("sim")
+            defaults = {"scheme": "qe", "timesteps": HESTON_TIMESTEPS}
+            if sim is None or isinstance(sim, dict):
+                data["sim"] = {**defaults, **(sim or {})}
+            elif isinstance(sim, SimConfig):  # only the fields the caller did not set
+                data["sim"] = sim.model_copy(update={
+                    k: v for k, v in defaults.items() if k not in sim.model_fields_set
+                })
+        return data
+
+    @model_validator(mode="after")
+    def _check_process(self) -> CoreConfig:
+        if type(self.domain) is not DOMAINS[self.process]:
+            raise ValueError(
+                f"domain has the parameters {list(self.domain.names)}, process {self.process!r} "
+                f"needs {list(DOMAINS[self.process].names)}"
+            )
+        if self.process == "gbm":
+            if self.sim.scheme == "qe":
+                raise ValueError("sim.scheme 'qe' is a Heston/Bates scheme; gbm takes "
+                                 "'log_euler' or 'euler'")
+            defaults = SimConfig()
+            for key in _GBM_OMITTED_SIM:
+                if getattr(self.sim, key) != getattr(defaults, key):
+                    raise ValueError(f"sim.{key} applies to heston and bates only")
+        else:
+            if self.sim.scheme != "qe":
+                raise ValueError(f"sim.scheme must be 'qe' for {self.process}, got "
+                                 f"{self.sim.scheme!r}")
+            if self.sim.moment_matching:
+                raise ValueError(f"sim.moment_matching applies to gbm only (use "
+                                 f"sim.martingale_correction for {self.process})")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form stored in checkpoints; a GBM config leaves out the keys it never had."""
+        body = self.model_dump(mode="json")
+        if self.process == "gbm":
+            body.pop("process")
+            for key in _GBM_OMITTED_SIM:
+                body["sim"].pop(key)
+        return body
+
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON without the device (it does not change the model)."""
-        body = self.model_dump(mode="json")
+        body = self.to_json()
         body.pop("device")
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+__all__ = [
+    "PARAM_NAMES",
+    "PROCESS_NAMES",
+    "ArchConfig",
+    "BatesDomain",
+    "Bounds",
+    "CoreConfig",
+    "Domain",
+    "DomainConfig",
+    "GbmDomain",
+    "HestonDomain",
+    "MemoryConfig",
+    "OptimConfig",
+    "SimConfig",
+    "SpectrumConfig",
+    "TrainConfig",
+]

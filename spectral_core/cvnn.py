@@ -499,7 +499,8 @@ def _quarter_turns(n_freq: int, dtype: torch.dtype) -> Tensor:
 
 
 class SpectralCVNN(ComplexModule):
-    """Features (B, 7) real -> shifted CF F (B, n_freq) complex; see the module docstring.
+    """Features (B, n_features) real (7 for GBM) -> shifted CF F (B, n_freq) complex; see the
+    module docstring.
 
     trunk: embed (7 -> width), depth blocks, final norm, head (width -> n_freq - 1); a linear skip
     path (7 -> n_freq - 1, initialised near zero) is added to the head's raw psi. Then
@@ -514,8 +515,12 @@ class SpectralCVNN(ComplexModule):
         dtype: torch.dtype = torch.complex64,
         generator: torch.Generator | None = None,
         truncation_L: float | None = None,
+        n_features: int = N_FEATURES,
     ) -> None:
         super().__init__()
+        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+            raise ValueError(f"n_features must be an int >= 1, got {n_features!r}")
+        self.n_features = n_features
         if not isinstance(arch, ArchConfig):
             raise ValueError(f"arch must be an ArchConfig, got {type(arch).__name__}")
         if isinstance(n_freq, bool) or not isinstance(n_freq, int) or n_freq < 2:
@@ -530,7 +535,7 @@ class SpectralCVNN(ComplexModule):
         self.n_freq = n_freq
         width = arch.width
         block = ComplexResidualBlock if arch.residual else ComplexPlainBlock
-        self.embed = ComplexLinear(N_FEATURES, width, generator=gen, dtype=dtype)
+        self.embed = ComplexLinear(n_features, width, generator=gen, dtype=dtype)
         self.blocks = nn.ModuleList(
             block(width, activation=arch.activation, norm=arch.norm, generator=gen, dtype=dtype)
             for _ in range(arch.depth)
@@ -539,7 +544,7 @@ class SpectralCVNN(ComplexModule):
         # small head: the model starts at the prior and the trunk learns corrections to it
         self.head = ComplexLinear(width, n_freq - 1, generator=gen, dtype=dtype, gain=HEAD_GAIN)
         # near-zero start: the trunk sets the initial spectrum, the skip learns the affine part
-        self.skip = ComplexLinear(N_FEATURES, n_freq - 1, generator=gen, dtype=dtype, gain=1e-2)
+        self.skip = ComplexLinear(n_features, n_freq - 1, generator=gen, dtype=dtype, gain=1e-2)
         # exact i^k as real pairs so .double() / .to(device) carry them; not part of checkpoints
         turns = _quarter_turns(n_freq, dtype)
         self.phase_re: Tensor
@@ -559,15 +564,15 @@ class SpectralCVNN(ComplexModule):
         """Unconstrained head output (B, n_freq - 1) complex."""
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise ValueError("features must be a real floating tensor")
-        if features.ndim != 2 or features.shape[1] != N_FEATURES:
+        if features.ndim != 2 or features.shape[1] != self.n_features:
             raise ValueError(
-                f"features must have shape (B, {N_FEATURES}), got {tuple(features.shape)}"
+                f"features must have shape (B, {self.n_features}), got {tuple(features.shape)}"
             )
         dtype = self.complex_dtype
         if dtype is None:
             raise ValueError("model parameters must be float32 or float64 (complex64/complex128)")
         f = features.to(_real_dtype(dtype))
-        z = torch.complex(f, torch.zeros_like(f))  # (B, 7) complex
+        z = torch.complex(f, torch.zeros_like(f))  # (B, n_features) complex
         h = self.embed(z)  # (B, width) complex
         for blk in self.blocks:
             h = blk(h)
@@ -610,6 +615,7 @@ def build_model(
     n_freq: int,
     dtype: torch.dtype = torch.complex64,
     truncation_L: float | None = None,
+    n_features: int = N_FEATURES,
 ) -> SpectralCVNN:
     """SpectralCVNN initialised from arch.seed via a local generator (global RNG untouched).
 
@@ -617,5 +623,6 @@ def build_model(
     """
     gen = torch.Generator(device="cpu").manual_seed(arch.seed)
     return SpectralCVNN(
-        arch, n_freq=n_freq, dtype=dtype, generator=gen, truncation_L=truncation_L
+        arch, n_freq=n_freq, dtype=dtype, generator=gen, truncation_L=truncation_L,
+        n_features=n_features,
     )

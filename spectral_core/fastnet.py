@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from spectral_core.cvnn import (
-    N_FEATURES,
     Cardioid,
     ComplexBatchNorm,
     ComplexLayerNorm,
@@ -389,7 +388,7 @@ def cos_put_digital(
 
 
 class FastSpectralNet:
-    """Inference-only copy of a SpectralCVNN: features (B, 7) -> Re F (B, N) float64.
+    """Inference-only copy of a SpectralCVNN: features (B, n_features) -> Re F (B, N) float64.
 
     Two evaluations of the same weights:
     * `re_spectrum(x)`: float32, chunked real GEMMs (MKL through torch) plus fused numba passes;
@@ -409,6 +408,7 @@ class FastSpectralNet:
             raise ValueError(f"chunk must be a positive int, got {chunk!r}")
         self.chunk = chunk
         self.n_freq = model.n_freq
+        self.n_features = model.n_features
         width, two_w = model.arch.width, 2 * model.arch.width
         with torch.no_grad():
             embed_w, embed_b = _block_matrix(model.embed, real_input=True)
@@ -457,10 +457,12 @@ class FastSpectralNet:
     def re_spectrum(
         self, features: np.ndarray | Tensor, *, reproducible: bool = False
     ) -> np.ndarray:
-        """Re F (B, N) float64 for features (B, 7) (`cvnn.theta_features`); Re F_0 = 1."""
+        """Re F (B, N) float64 for features (B, n_features) (`Process.features`); Re F_0 = 1."""
         x = torch.as_tensor(features, dtype=torch.float64 if reproducible else torch.float32)
-        if x.ndim != 2 or x.shape[1] != N_FEATURES:
-            raise ValueError(f"features must have shape (B, {N_FEATURES}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(
+                f"features must have shape (B, {self.n_features}), got {tuple(x.shape)}"
+            )
         rows = x.shape[0]
         out = np.empty((rows, self.n_freq), dtype=np.float64)
         if reproducible:

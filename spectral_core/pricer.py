@@ -8,24 +8,26 @@ derivatives through the network and the COS sum. Contracts outside the trained d
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from spectral_core import cos
 from spectral_core.config import PARAM_NAMES, CoreConfig
-from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
+from spectral_core.cvnn import SpectralCVNN, build_model
 from spectral_core.fastnet import FastSpectralNet, cos_put_digital
+from spectral_core.processes import get_process
+from spectral_core.processes.base import Process
 from spectral_core.snapshot import Snapshot
-from spectral_core.spectrum import truncation_interval
 
+# The contract fields of a GBM model; other processes: ("X0", "K", *process.request_fields).
 CONTRACT_FIELDS: tuple[str, ...] = ("X0", "K", "T", "r", "d", "v")
-# Request field -> training-domain parameter it is checked against.
-_DOMAIN_FIELD = {"T": "T", "r": "r", "d": "d", "v": "sigma"}
 QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.5, 0.95, 0.99)
 RISK_LEVELS: tuple[float, ...] = (0.95, 0.99)
+# A GBM model's greeks; other processes: Pricer.greek_names.
 GREEKS: tuple[str, ...] = ("delta", "gamma", "vega", "theta", "rho")
+# Greeks of every process: d/dX0, d2/dX0^2, -d/dT, d/dr; model_greeks come on top.
+_COMMON_GREEKS = {"delta": "X0", "theta": "T", "rho": "r"}
 
 
 class DomainError(ValueError):
@@ -45,36 +47,46 @@ class DomainError(ValueError):
         )
 
 
-@dataclass(frozen=True)
 class Contracts:
-    """A batch of contracts as float64 arrays of one shape (B,)."""
+    """A batch of contracts: spot X0, strike K and the process parameters (request names, e.g.
+    GBM's (T, r, d, v)), each a float64 array of one shape (B,)."""
 
-    X0: np.ndarray
-    K: np.ndarray
-    T: np.ndarray
-    r: np.ndarray
-    d: np.ndarray
-    v: np.ndarray
-
-    @classmethod
-    def from_columns(cls, cols: Mapping[str, object]) -> Contracts:
-        arrays = {}
-        for name in CONTRACT_FIELDS:
-            if name not in cols:
-                raise ValueError(f"missing contract field {name!r}")
-            arr = np.atleast_1d(np.asarray(cols[name], dtype=np.float64))
+    def __init__(self, **columns: object) -> None:
+        lengths = set()
+        for name, values in columns.items():
+            arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
             if arr.ndim != 1:
                 raise ValueError(
                     f"contract field {name!r} must be one-dimensional, got {arr.shape}"
                 )
-            arrays[name] = arr
-        n = {a.shape[0] for a in arrays.values()}
-        if len(n) != 1:
-            raise ValueError(f"contract fields have different lengths: {sorted(n)}")
-        return cls(**arrays)
+            lengths.add(arr.shape[0])
+            object.__setattr__(self, name, arr)  # vars(self) is exactly the columns
+        if len(lengths) > 1:
+            raise ValueError(f"contract fields have different lengths: {sorted(lengths)}")
+
+    @classmethod
+    def from_columns(
+        cls, cols: Mapping[str, object], *, fields: tuple[str, ...] = CONTRACT_FIELDS
+    ) -> Contracts:
+        """The `fields` of `cols` (GBM's by default); a missing one raises ValueError."""
+        for name in fields:
+            if name not in cols:
+                raise ValueError(f"missing contract field {name!r}")
+        return cls(**{name: cols[name] for name in fields})
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(vars(self))
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        # only called for a field the batch does not have
+        raise AttributeError(f"contracts have no field {name!r}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Contracts are immutable")
 
     def __len__(self) -> int:
-        return int(self.X0.shape[0])
+        return int(next(iter(vars(self).values())).shape[0]) if vars(self) else 0
 
 
 class Pricer:
@@ -97,6 +109,14 @@ class Pricer:
         reproducible: bool = False,
     ) -> None:
         self.config = config
+        self.process: Process = get_process(config.process)
+        self.contract_fields: tuple[str, ...] = ("X0", "K", *self.process.request_fields)
+        # request field -> domain parameter it is checked against (GBM: v -> sigma)
+        self._domain_field = dict(zip(self.process.request_fields, self.process.names,
+                                      strict=True))
+        self.greek_names: tuple[str, ...] = (
+            "delta", "gamma", *self.process.model_greeks, "theta", "rho"
+        )
         self.device = torch.device(device)
         self.reproducible = reproducible
         dtype = torch.complex128 if reproducible else torch.complex64
@@ -111,14 +131,24 @@ class Pricer:
 
     @classmethod
     def from_snapshot(
-        cls, snapshot: Snapshot, *, device: str | torch.device = "cpu", reproducible: bool = False
+        cls,
+        snapshot: Snapshot,
+        *,
+        device: str | torch.device = "cpu",
+        reproducible: bool = False,
+        process: str | None = None,
     ) -> Pricer:
+        """The pricer of a trained snapshot; `process` names the process the caller expects
+        (a snapshot of another one raises ProcessMismatch)."""
         config = CoreConfig.model_validate(snapshot.meta["config"])
+        if process is not None:
+            get_process(process).check_config(config)
         model = build_model(
             config.arch,
             n_freq=config.spectrum.n_freq,
             dtype=torch.complex64,
             truncation_L=config.spectrum.truncation_L,
+            n_features=get_process(config.process).n_features,
         )
         state = {
             k.removeprefix("model."): v
@@ -133,8 +163,8 @@ class Pricer:
         cache) the kernels here rather than inside the first request."""
         dom = self.config.domain
         mid = {
-            n: 0.5 * (getattr(dom, p).lower + getattr(dom, p).upper)
-            for n, p in _DOMAIN_FIELD.items()
+            n: 0.5 * (dom.bounds(p).lower + dom.bounds(p).upper)
+            for n, p in self._domain_field.items()
         }
         self.price(Contracts.from_columns({"X0": 100.0, "K": 100.0, **mid}))
 
@@ -148,9 +178,9 @@ class Pricer:
                 i = int(bad[0])
                 raise DomainError(name, i, float(arr[i]), 0.0, None)
         dom = self.config.domain
-        for name, param in _DOMAIN_FIELD.items():
+        for name, param in self._domain_field.items():
             arr = getattr(c, name)
-            bounds = getattr(dom, param)
+            bounds = dom.bounds(param)
             bad = np.flatnonzero(~((arr >= bounds.lower) & (arr <= bounds.upper)))
             if bad.size:
                 i = int(bad[0])
@@ -158,8 +188,9 @@ class Pricer:
 
     # ------------------------------------------------------------------ network
     def spectrum(self, theta: torch.Tensor) -> torch.Tensor:
-        """F_k for theta (B, 4) = (T, r, d, sigma) -> (B, N) complex128, differentiable in theta."""
-        features = theta_features(theta.to(self._feature_dtype), self.config.domain)
+        """F_k for theta (B, P) (the domain's order) -> (B, N) complex128, differentiable in
+        theta."""
+        features = self.process.features(theta.to(self._feature_dtype), self.config.domain)
         if self.reproducible:
             rows = [self.model(features[i : i + 1]) for i in range(features.shape[0])]
             F = torch.cat(rows) if rows else self.model(features)
@@ -173,7 +204,7 @@ class Pricer:
         """(F if `spectrum`, put, digital call) through FastSpectralNet; F has a zero imaginary
         part, which no COS sum reads."""
         assert self._fast is not None
-        features = theta_features(theta, self.config.domain)
+        features = self.process.features(theta, self.config.domain)
         re_f = self._fast.re_spectrum(features, reproducible=self.reproducible)  # (B, N)
         put, digital = cos_put_digital(re_f, a=a.numpy(), b=b.numpy(), S0=c.X0, K=c.K, r=c.r, T=c.T)
         re = torch.from_numpy(re_f)
@@ -197,19 +228,26 @@ class Pricer:
         intrinsic = e^{-rT} max(K - F, 0) (put) and e^{-rT} max(F - K, 0) (call) with F the forward;
         convexity = price - intrinsic (>= 0 for an arbitrage-free model).
         """
+        missing = [n for n in self.contract_fields if n not in contracts.fields]
+        if missing:
+            raise ValueError(f"missing contract field {missing[0]!r} for a {self.process.name} "
+                             f"model (fields {list(self.contract_fields)})")
         self.check_domain(contracts)
         dev = self.device
         col = {
             n: torch.as_tensor(getattr(contracts, n), dtype=torch.float64, device=dev)
-            for n in CONTRACT_FIELDS
+            for n in self.contract_fields
         }
+        wrt = {**_COMMON_GREEKS, **self.process.model_greeks}
         if greeks:
-            for n in ("X0", "T", "r", "v"):
+            for n in set(wrt.values()):
                 col[n].requires_grad_(True)
-        X0, K, T, r, d, v = (col[n] for n in CONTRACT_FIELDS)
+        X0, K, T, r, d = (col[n] for n in ("X0", "K", "T", "r", "d"))
         with torch.set_grad_enabled(greeks):
-            theta = torch.stack([T, r, d, v], dim=-1)
-            a, b = truncation_interval(T, r, d, v, L=self.config.spectrum.truncation_L, xp=torch)
+            theta = torch.stack([col[n] for n in self.process.request_fields], dim=-1)
+            a, b = self.process.truncation_interval(
+                theta, L=self.config.spectrum.truncation_L, xp=torch
+            )
             disc = torch.exp(-r * T)
             fwd = X0 * torch.exp((r - d) * T)
             F: torch.Tensor | None
@@ -241,7 +279,7 @@ class Pricer:
             result: dict[str, np.ndarray] = {}
             if greeks:
                 for kind in ("put", "call"):
-                    result.update(_greeks(kind, out[kind], X0=X0, T=T, r=r, v=v))
+                    result.update(_greeks(kind, out[kind], col, wrt))
         if metrics:
             assert F is not None
             with torch.no_grad():
@@ -252,26 +290,21 @@ class Pricer:
 
 
 def _greeks(
-    kind: str,
-    price: torch.Tensor,
-    *,
-    X0: torch.Tensor,
-    T: torch.Tensor,
-    r: torch.Tensor,
-    v: torch.Tensor,
+    kind: str, price: torch.Tensor, col: dict[str, torch.Tensor], wrt: dict[str, str]
 ) -> dict[str, np.ndarray]:
-    """Autograd greeks; rows are independent so the gradient of the sum is the per-row gradient."""
-    total = price.sum()
-    d_x0, d_t, d_r, d_v = torch.autograd.grad(total, (X0, T, r, v), create_graph=True)
-    (gamma,) = torch.autograd.grad(d_x0.sum(), (X0,), retain_graph=True)
-    return {
-        f"{kind}_delta": d_x0.detach().cpu().numpy(),
-        f"{kind}_gamma": gamma.detach().cpu().numpy(),
-        f"{kind}_vega": d_v.detach().cpu().numpy(),
-        # theta as the calendar decay: minus the derivative w.r.t. time to expiry (per year).
-        f"{kind}_theta": (-d_t).detach().cpu().numpy(),
-        f"{kind}_rho": d_r.detach().cpu().numpy(),
-    }
+    """Autograd greeks; rows are independent so the gradient of the sum is the per-row gradient.
+
+    `wrt` maps each first-order greek to its contract field; gamma is d2/dX0^2 and theta the
+    calendar decay, minus the derivative w.r.t. time to expiry (per year).
+    """
+    names = list(wrt)
+    grads = torch.autograd.grad(price.sum(), [col[wrt[n]] for n in names], create_graph=True)
+    first = dict(zip(names, grads, strict=True))
+    (gamma,) = torch.autograd.grad(first["delta"].sum(), (col["X0"],), retain_graph=True)
+    first["theta"] = -first["theta"]
+    first["gamma"] = gamma
+    order = ("delta", "gamma", *(n for n in names if n not in _COMMON_GREEKS), "theta", "rho")
+    return {f"{kind}_{n}": first[n].detach().cpu().numpy() for n in order}
 
 
 def _metrics(

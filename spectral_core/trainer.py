@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectral_core import analytic, cos
+from spectral_core import cos
 from spectral_core.config import CoreConfig
-from spectral_core.cvnn import SpectralCVNN, build_model, theta_features
+from spectral_core.cvnn import SpectralCVNN, build_model
 from spectral_core.device import array_module, resolve_device, to_torch
 from spectral_core.normals import NormalsSource
-from spectral_core.processes.gbm import simulate_log_returns, simulate_log_returns_cuda
+from spectral_core.processes import get_process
+from spectral_core.processes.base import Process
 from spectral_core.sampler import ContractSampler
 from spectral_core.schedule import PlateauState, lr_at
 from spectral_core.snapshot import Snapshot
-from spectral_core.spectrum import estimate_spectrum, truncation_interval
 
 SNAPSHOT_FORMAT = 1
 TRAIN_STREAM = 0
@@ -93,6 +93,7 @@ class Trainer:
 
     def __init__(self, config: CoreConfig) -> None:
         self.config = config
+        self.process: Process = get_process(config.process)
         self.device = resolve_device(config.device)
         # numpy on CPU, cupy on CUDA: the MC kernel, binning and FFT run where the model trains.
         self._xp = array_module(self.device)
@@ -101,6 +102,7 @@ class Trainer:
             n_freq=config.spectrum.n_freq,
             dtype=torch.complex64,
             truncation_L=config.spectrum.truncation_L,
+            n_features=self.process.n_features,
         ).to(self.device)
         self.optimizer = make_optimizer(config, list(self.model.parameters()))
         self.global_step = 0
@@ -114,7 +116,7 @@ class Trainer:
         self.sampler = ContractSampler(config.domain, seed=config.train.seed)
         self._normals = NormalsSource(
             config.sim.normals,
-            timesteps=config.sim.timesteps,
+            timesteps=self.process.normal_dims(config),
             paths_per_contract=config.sim.paths_per_contract,
             contracts_per_draw=config.train.batch_contracts,
             seed=config.sim.seed,
@@ -123,44 +125,23 @@ class Trainer:
         )
         self._stream = self._normals.stream(TRAIN_STREAM)
         self._val_theta, self._val_target = self._build_validation_set()
+        # oracle put prices of the validation set: reported error only, never a training input
+        self._val_reference = validation_reference(self._val_theta, config)
 
     # ------------------------------------------------------------------ batches
     def _spectrum_targets(self, theta: np.ndarray, z: Any) -> tuple[torch.Tensor, float]:
-        """MC estimate of F_k for contracts theta (B, 4) from normals z (B, M, steps).
+        """MC estimate of F_k for contracts theta (B, P) from normals z (B, M, dims).
 
-        On CUDA, z is already a device array and the paths, bins and FFT stay on the device; the
-        target reaches torch by DLPack (no host copy). Returns (B, N) complex128 on self.device.
+        On CUDA, z is already a device array and the paths, labels and FFT stay on the device;
+        the target reaches torch by DLPack (no host copy). Returns (B, N) complex128 on
+        self.device and the mean truncated mass.
         """
-        c, xp = self.config, self._xp
-        kw: dict[str, Any] = dict(
-            scheme=c.sim.scheme,
-            moment_matching=c.sim.moment_matching,
-            cap_bytes=c.memory.paths_bytes,
-        )
-        if self.device.type == "cuda":
-            theta_d = xp.asarray(theta)  # (B, 4): the only upload, 32 bytes a contract
-            x = xp.asarray(simulate_log_returns_cuda(theta_d, z, **kw))  # (B, M) float64 on device
-        else:
-            theta_d = theta
-            x = simulate_log_returns(theta, z, **kw)  # (B, M) float64
-        a, b = truncation_interval(
-            theta_d[:, 0],
-            theta_d[:, 1],
-            theta_d[:, 2],
-            theta_d[:, 3],
-            L=c.spectrum.truncation_L,
-            xp=xp,
-        )
-        est = estimate_spectrum(
-            x,
-            a,
-            b,
-            n_freq=c.spectrum.n_freq,
-            grid=c.spectrum.grid,
-            cap_bytes=c.memory.spectrum_bytes,
-            xp=xp,
-        )
-        return to_torch(est.F), float(est.truncated_mass.mean())
+        on_cuda = self.device.type == "cuda"
+        # on CUDA the only upload: theta, 8 bytes a parameter a contract
+        theta_d = self._xp.asarray(theta) if on_cuda else theta
+        F, truncated = self.process.mc_labels(theta_d, z, self.config, xp=self._xp,
+                                              on_cuda=on_cuda)
+        return to_torch(F), truncated
 
     def _build_validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -190,11 +171,13 @@ class Trainer:
     def step(self) -> StepMetrics:
         c = self.config
         t0 = time.perf_counter()
-        theta = self.sampler.sample(c.train.batch_contracts)  # (B, 4) float64
-        z = self._stream.next()  # (B, M, steps) float64
+        theta = self.sampler.sample(c.train.batch_contracts)  # (B, P) float64
+        z = self._stream.next()  # (B, M, dims) float64
         F, truncated = self._spectrum_targets(theta, z)
         target = F.to(torch.complex64)
-        features = theta_features(torch.from_numpy(theta).to(self.device, torch.float32), c.domain)
+        features = self.process.features(
+            torch.from_numpy(theta).to(self.device, torch.float32), c.domain
+        )
 
         self.model.train()
         lr = self._set_lr()
@@ -235,14 +218,17 @@ class Trainer:
         return patience is not None and self.evals_without_improvement >= patience
 
     def validate(self) -> ValidationMetrics:
-        """Spectral loss on the held-out set; put prices against the closed form (bp of spot)."""
+        """Spectral loss on the held-out MC labels (drives every decision); put prices against
+        the process's oracle (bp of spot), reported only."""
         c = self.config
         self.model.eval()
         with torch.no_grad():
-            features = theta_features(self._val_theta.to(self.device, torch.float32), c.domain)
+            features = self.process.features(self._val_theta.to(self.device, torch.float32),
+                                             c.domain)
             pred = self.model(features)
             val_loss = float((pred - self._val_target.to(self.device)).abs().square().mean())
-            err_bp = validation_price_errors_bp(pred.cpu(), self._val_theta, c)
+            err_bp = validation_price_errors_bp(pred.cpu(), self._val_theta, c,
+                                                reference=self._val_reference)
         metrics = ValidationMetrics(
             step=self.global_step,
             val_loss=val_loss,
@@ -338,7 +324,7 @@ class Trainer:
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
         meta: dict[str, Any] = {
             "snapshot_format": SNAPSHOT_FORMAT,
-            "config": self.config.model_dump(mode="json"),
+            "config": self.config.to_json(),
             "config_fingerprint": self.config.fingerprint(),
             "global_step": self.global_step,
             "sampler": self.sampler.state(),
@@ -355,12 +341,19 @@ class Trainer:
         return Snapshot(tensors=tensors, meta=meta)
 
     @classmethod
-    def restore(cls, snapshot: Snapshot, *, device: str | None = None) -> Trainer:
-        """Rebuild a trainer from `snapshot`; the stored config wins (only the device may vary)."""
+    def restore(cls, snapshot: Snapshot, *, device: str | None = None,
+                process: str | None = None) -> Trainer:
+        """Rebuild a trainer from `snapshot`; the stored config wins (only the device may vary).
+
+        `process` names the process the caller expects; a snapshot of another one raises
+        ProcessMismatch.
+        """
         meta = snapshot.meta
         if meta.get("snapshot_format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unsupported snapshot_format {meta.get('snapshot_format')!r}")
         config = CoreConfig.model_validate(meta["config"])
+        if process is not None:
+            get_process(process).check_config(config)
         if device is not None:
             config = config.model_copy(update={"device": device})
         if config.fingerprint() != meta["config_fingerprint"]:
@@ -414,22 +407,38 @@ def _json_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def validation_price_errors_bp(
-    F: torch.Tensor, theta: torch.Tensor, config: CoreConfig
-) -> torch.Tensor:
-    """|COS put price from F - Black-Scholes| in bp of spot (S0 = 1) at VALIDATION_MONEYNESS.
+def validation_reference(theta: torch.Tensor, config: CoreConfig) -> torch.Tensor:
+    """Oracle put prices (S0 = 1) of the validation contracts at VALIDATION_MONEYNESS:
+    (K_levels * B,) float64, in the order of validation_price_errors_bp."""
+    process = get_process(config.process)
+    th = theta.to(torch.float64).numpy()
+    cols = process.columns(th)
+    forward = np.exp((cols["r"] - cols["d"]) * cols["T"])
+    ones = np.ones_like(forward)
+    refs = [process.reference_put(th, S0=ones, K=mny * forward) for mny in VALIDATION_MONEYNESS]
+    return torch.from_numpy(np.concatenate(refs))
 
-    GBM has a closed form, so validation measures what users see: price error. Returns (B * K,).
+
+def validation_price_errors_bp(
+    F: torch.Tensor, theta: torch.Tensor, config: CoreConfig, *,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """|COS put price from F - oracle| in bp of spot (S0 = 1) at VALIDATION_MONEYNESS.
+
+    The oracle is the process's (Black-Scholes for GBM, COS on the analytic CF for Heston and
+    Bates); pass `reference` (validation_reference) to reuse it. Returns (K_levels * B,).
     """
+    process = get_process(config.process)
     theta = theta.to(torch.float64)
     F = F.to(torch.complex128)
-    T, r, d, sigma = theta.unbind(-1)
-    a, b = truncation_interval(T, r, d, sigma, L=config.spectrum.truncation_L, xp=torch)
+    cols = process.columns(theta)
+    T, r, d = cols["T"], cols["r"], cols["d"]
+    a, b = process.truncation_interval(theta, L=config.spectrum.truncation_L, xp=torch)
+    if reference is None:
+        reference = validation_reference(theta, config)
     ones = torch.ones_like(T)
-    errs = []
+    prices = []
     for mny in VALIDATION_MONEYNESS:
         K = mny * torch.exp((r - d) * T)
-        p = cos.put(F, a, b, S0=ones, K=K, r=r, T=T)
-        ref = analytic.bs_put(S0=ones, K=K, T=T, r=r, d=d, sigma=sigma)
-        errs.append((p - ref).abs() * 1e4)
-    return torch.cat(errs)
+        prices.append(cos.put(F, a, b, S0=ones, K=K, r=r, T=T))
+    return (torch.cat(prices) - reference).abs() * 1e4

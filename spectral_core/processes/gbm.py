@@ -20,13 +20,23 @@ forward growth exp((r - d) T) exactly (to rounding).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from numba import cuda as _numba_cuda
 from numba import float64, njit, prange
 
+from spectral_core.analytic import bs_put
+from spectral_core.cvnn import N_FEATURES, feature_bounds, theta_features
 from spectral_core.memory import check_cap, nbytes_of
+from spectral_core.processes.base import Process
+from spectral_core.processes.domains import Domain, GbmDomain
+from spectral_core.spectrum import estimate_spectrum, truncation_interval
+
+if TYPE_CHECKING:
+    from spectral_core.config import CoreConfig
 
 Scheme = Literal["log_euler", "euler"]
 LOG_EULER = 0
@@ -317,3 +327,63 @@ def simulate_log_returns_cuda(theta: Any, normals: Any, *, scheme: Scheme, momen
     if moment_matching:
         _moment_match_kernel_cuda[n_contracts, _CUDA_THREADS](d_theta, d_out)
     return result
+
+
+# ------------------------------------------------------------------------------ the process
+
+
+class GbmProcess(Process):
+    """GBM theta = (T, r, d, sigma): log-return paths by `simulate_log_returns`, the binned-FFT
+    label, the interval (r - d) T +- L sigma sqrt(T), Black-Scholes as the oracle."""
+
+    name: ClassVar[str] = "gbm"
+    domain_type: ClassVar[type[Domain]] = GbmDomain
+    request_fields: ClassVar[tuple[str, ...]] = ("T", "r", "d", "v")
+    model_greeks: ClassVar[dict[str, str]] = {"vega": "v"}
+
+    def check_theta(self, theta: np.ndarray) -> None:
+        _check_theta_values(theta)
+
+    def cumulants(self, theta: Any, *, xp: ModuleType) -> tuple[Any, Any]:
+        T, r, d, sigma = (theta[:, k] for k in range(4))
+        return (r - d) * T, sigma * sigma * T
+
+    def truncation_interval(self, theta: Any, *, L: float, xp: ModuleType) -> tuple[Any, Any]:
+        # the historical form, sigma sqrt(T), so every GBM interval keeps its last bit
+        return truncation_interval(theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3], L=L, xp=xp)
+
+    def mc_labels(self, theta: Any, z: Any, config: CoreConfig, *, xp: ModuleType,
+                  on_cuda: bool) -> tuple[Any, float]:
+        kw: dict[str, Any] = dict(scheme=config.sim.scheme,
+                                  moment_matching=config.sim.moment_matching,
+                                  cap_bytes=config.memory.paths_bytes)
+        if on_cuda:
+            x = xp.asarray(simulate_log_returns_cuda(theta, z, **kw))  # (B, M) on the device
+        else:
+            x = simulate_log_returns(theta, z, **kw)  # (B, M) float64
+        a, b = self.truncation_interval(theta, L=config.spectrum.truncation_L, xp=xp)
+        est = estimate_spectrum(x, a, b, n_freq=config.spectrum.n_freq,
+                                grid=config.spectrum.grid, cap_bytes=config.memory.spectrum_bytes,
+                                xp=xp)
+        return est.F, float(est.truncated_mass.mean())
+
+    @property
+    def n_features(self) -> int:
+        return N_FEATURES
+
+    def raw_features(self, theta: torch.Tensor) -> torch.Tensor:
+        t, r, d, sigma = theta.unbind(dim=1)
+        return torch.stack([t, r, d, sigma, sigma * torch.sqrt(t), (r - d) * t, torch.log(t)],
+                           dim=1)
+
+    def feature_bounds(self, domain: Domain) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        assert isinstance(domain, GbmDomain)
+        return feature_bounds(domain)
+
+    def features(self, theta: torch.Tensor, domain: Domain, *, check: bool = True) -> torch.Tensor:
+        assert isinstance(domain, GbmDomain)
+        return theta_features(theta, domain, check=check)
+
+    def reference_put(self, theta: np.ndarray, *, S0: np.ndarray, K: np.ndarray) -> np.ndarray:
+        T, r, d, sigma = (theta[:, k] for k in range(4))
+        return np.asarray(bs_put(S0=S0, K=K, T=T, r=r, d=d, sigma=sigma))
