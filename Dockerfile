@@ -13,7 +13,8 @@ RUN apt-get update \
 RUN useradd --create-home --uid 10001 spectralmc
 WORKDIR /app
 
-# Dependencies first so code edits do not invalidate the heavy layer.
+# Dependencies first so code edits do not invalidate the heavy layer. The gpu extra brings cupy
+# and numba-cuda with NVVM (the runtime image has no nvcc/NVVM of its own).
 COPY pyproject.toml README.md ./
 COPY spectral_core ./spectral_core
 COPY storage ./storage

@@ -163,6 +163,17 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     core: CoreConfig = CoreConfig()
 
+    @model_validator(mode="after")
+    def _served_process(self) -> Settings:
+        # The request schema (X0, K, T, r, d, v) and the valuation path read sigma from the vol
+        # surface: the service prices GBM models. Heston and Bates train with `spectralmc train`.
+        if self.core.process != "gbm":
+            raise ValueError(
+                f"core.process = {self.core.process!r}: the service serves gbm models only; "
+                "train heston and bates with `spectralmc train --config FILE`"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

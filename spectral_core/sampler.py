@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from spectral_core.processes.domains import Domain
 from spectral_core.normals import scrambled_sobol_tables, sobol_points_uint
+from spectral_core.processes.domains import Domain
 
 _STATE_FORMAT = 1
 _BITS = 64  # 2**64 points: a long training run never exhausts the sequence

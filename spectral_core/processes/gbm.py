@@ -254,15 +254,17 @@ def _moment_match_kernel_cuda(theta: Any, out: Any) -> None:
     tid = cuda.threadIdx.x
     n_paths = out.shape[1]
     buf = cuda.shared.array(_CUDA_THREADS, float64)
+    # comparisons, not max(): numba's CUDA target types max(x, y) as max(iterable) and refuses it
     top = -math.inf
     for m in range(tid, n_paths, _CUDA_THREADS):
-        top = max(top, out[b, m])
+        if out[b, m] > top:
+            top = out[b, m]
     buf[tid] = top
     cuda.syncthreads()
     width = _CUDA_THREADS // 2
     while width > 0:
-        if tid < width:
-            buf[tid] = max(buf[tid], buf[tid + width])
+        if tid < width and buf[tid + width] > buf[tid]:
+            buf[tid] = buf[tid + width]
         cuda.syncthreads()
         width //= 2
     top = buf[0]
