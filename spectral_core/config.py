@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spectral_core.processes.domains import (
     DOMAINS,
@@ -167,7 +167,13 @@ class CoreConfig(_Frozen):
         if domain is None:
             data["domain"] = domain_cls()
         elif isinstance(domain, dict):
-            data["domain"] = domain_cls.model_validate(domain)
+            try:
+                data["domain"] = domain_cls.model_validate(domain)
+            except ValidationError as exc:  # keep the field path: domain.<param>...
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in ("domain", *first["loc"]))
+                msg = str(first['msg']).removeprefix('Value error, ')
+                raise ValueError(f"{where}: {msg} ({process} domain)") from None
         if process != "gbm":
             sim = data.get("sim")
             defaults = {"scheme": "qe", "timesteps": HESTON_TIMESTEPS}
