@@ -51,10 +51,6 @@ class Process(ABC):
         return self.domain_type.names
 
     # ------------------------------------------------------------------ parameters
-    @abstractmethod
-    def check_theta(self, theta: np.ndarray) -> None:
-        """Raise ValueError naming the first parameter that no simulation can take."""
-
     def columns(self, theta: Any) -> dict[str, Any]:
         """theta (B, P) -> {name: (B,)} views, for numpy, cupy or torch."""
         if theta.ndim != 2 or theta.shape[1] != len(self.names):
@@ -142,12 +138,12 @@ class Process(ABC):
             raise ProcessMismatch(f"a {config.process!r} model cannot be used as {self.name!r}")
 
 
-_BOUNDS: dict[tuple[str, str], tuple[tuple[float, ...], tuple[float, ...]]] = {}
+_BOUNDS: dict[tuple[str, Domain], tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
 
 def _cached_bounds(process: Process,
                    domain: Domain) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    key = (process.name, domain.model_dump_json())
+    key = (process.name, domain)  # frozen, so hashable: no serialisation on the pricing path
     if key not in _BOUNDS:
         _BOUNDS[key] = process.feature_bounds(domain)
     return _BOUNDS[key]

@@ -9,6 +9,7 @@ CF of the jump sum, which adds no label noise.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -38,8 +39,9 @@ class BatesProcess(HestonProcess):
         h[:, 2] = cols["d"] + compensator  # the jumps' compensator as a dividend
         return xp.ascontiguousarray(h)
 
-    def _label_factor(self, theta: Any, u: Any, xp: ModuleType) -> Any:
+    def _label_factor(self, theta: Any, a: Any, b: Any, n_freq: int, xp: ModuleType) -> Any:
         cols = self.columns(theta)
+        u = (math.pi / (b - a))[:, None] * xp.arange(n_freq)[None, :]  # (B, N)
         return analytic_heston.jump_cf_uncompensated(
             u, T=cols["T"][:, None], lam=cols["lam"][:, None], mu_j=cols["mu_j"][:, None],
             sigma_j=cols["sigma_j"][:, None], xp=xp)  # (B, N)

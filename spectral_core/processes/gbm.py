@@ -343,9 +343,6 @@ class GbmProcess(Process):
     request_fields: ClassVar[tuple[str, ...]] = ("T", "r", "d", "v")
     model_greeks: ClassVar[dict[str, str]] = {"vega": "v"}
 
-    def check_theta(self, theta: np.ndarray) -> None:
-        _check_theta_values(theta)
-
     def cumulants(self, theta: Any, *, xp: ModuleType) -> tuple[Any, Any]:
         T, r, d, sigma = (theta[:, k] for k in range(4))
         return (r - d) * T, sigma * sigma * T

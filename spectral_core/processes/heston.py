@@ -34,28 +34,6 @@ if TYPE_CHECKING:
 HESTON_NAMES = HestonDomain.names
 
 
-def _check_heston_theta(theta: np.ndarray, names: tuple[str, ...]) -> None:
-    """Raise ValueError naming the first parameter no simulation can take."""
-    if theta.ndim != 2 or theta.shape[1] != len(names):
-        raise ValueError(f"theta must have shape (B, {len(names)}) {list(names)}, "
-                         f"got {tuple(theta.shape)}")
-    bad = ~np.isfinite(theta)
-    if bad.any():
-        b, k = np.argwhere(bad)[0]
-        raise ValueError(f"theta[{b}, {k}] ({names[k]}) must be finite, got {theta[b, k]}")
-    rules = {"T": (lambda v: v > 0, "> 0"), "v0": (lambda v: v >= 0, ">= 0"),
-             "kappa": (lambda v: v > 0, "> 0"), "theta_v": (lambda v: v >= 0, ">= 0"),
-             "xi": (lambda v: v > 0, "> 0"), "rho": (lambda v: np.abs(v) <= 1, "in [-1, 1]"),
-             "lam": (lambda v: v >= 0, ">= 0"), "sigma_j": (lambda v: v >= 0, ">= 0")}
-    for k, name in enumerate(names):
-        if name in rules:
-            ok, rule = rules[name]
-            good = ok(theta[:, k])
-            if not good.all():
-                b = int(np.flatnonzero(~good)[0])
-                raise ValueError(f"theta[{b}, {k}] ({name}) must be {rule}, got {theta[b, k]}")
-
-
 class HestonProcess(Process):
     name: ClassVar[str] = "heston"
     domain_type: ClassVar[type[Domain]] = HestonDomain
@@ -63,9 +41,6 @@ class HestonProcess(Process):
     model_greeks: ClassVar[dict[str, str]] = {
         "d_v0": "v0", "d_kappa": "kappa", "d_theta_v": "theta_v", "d_xi": "xi", "d_rho": "rho",
     }
-
-    def check_theta(self, theta: np.ndarray) -> None:
-        _check_heston_theta(theta, self.names)
 
     def cumulants(self, theta: Any, *, xp: ModuleType) -> tuple[Any, Any]:
         cols = self.columns(theta)
@@ -79,8 +54,9 @@ class HestonProcess(Process):
         """The (B, 8) Heston columns the variance kernel reads."""
         return theta
 
-    def _label_factor(self, theta: Any, u: Any, xp: ModuleType) -> Any:
-        """What multiplies the Heston label exactly (Bates: the jump CF); None for Heston."""
+    def _label_factor(self, theta: Any, a: Any, b: Any, n_freq: int, xp: ModuleType) -> Any:
+        """What multiplies the Heston label exactly at u_k = k pi / (b - a) (Bates: the jump
+        CF); None for Heston."""
         return None
 
     def mc_labels(self, theta: Any, z: Any, config: CoreConfig, *, xp: ModuleType,
@@ -110,9 +86,7 @@ class HestonProcess(Process):
             est = estimate_spectrum(x, a, b, n_freq=spec.n_freq, grid=spec.grid,
                                     cap_bytes=mem.spectrum_bytes, xp=xp)
             F, truncated = est.F, float(est.truncated_mass.mean())
-        k = xp.arange(spec.n_freq)
-        u = (np.pi / (b - a))[:, None] * k[None, :]  # (B, N)
-        factor = self._label_factor(theta, u, xp)
+        factor = self._label_factor(theta, a, b, spec.n_freq, xp)
         if factor is not None:
             F = F * factor
         return F, truncated
