@@ -31,6 +31,7 @@ from server.keys import (
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
 from server.model import ModelInfo, ModelService
+from server.retention import RETENTION_KEY, build_retention, retention_ctx
 from server.routes import setup_routes
 from server.worker import TrainingWorker
 from storage.chain import VersionChain
@@ -180,6 +181,9 @@ def create_app(
     # Jobs start last and stop first: they use the model service and the store.
     app[JOBS_KEY] = build_scheduler(app)
     app.cleanup_ctx.append(jobs_ctx)
+    # Retention (GC of the chain, job-result pruning, store bytes) runs every interval_s.
+    app[RETENTION_KEY] = build_retention(app)
+    app.cleanup_ctx.append(retention_ctx)
     setup_routes(app)
     return app
 

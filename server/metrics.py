@@ -96,6 +96,41 @@ class Metrics:
             registry=registry,
             buckets=_LATENCY_BUCKETS,
         )
+        # Retention (server/retention.py): store size per model and what each run collected.
+        self.store_bytes = Gauge(
+            "store_bytes",
+            "Bytes of every object of the model's version chain in the store",
+            ["model"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.gc_runs = Counter(
+            "gc_runs",
+            "Retention GC runs of a model's chain that completed",
+            ["model"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.gc_versions_collected = Counter(
+            "gc_versions_collected",
+            "Versions whose checkpoint blob retention collected",
+            ["model"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.job_results_deleted = Counter(
+            "job_results_deleted",
+            "Job result documents deleted by retention",
+            namespace=ns,
+            registry=registry,
+        )
+        self.retention_failures = Counter(
+            "retention_failures",
+            "Failed retention steps, by step (gc, jobs, bytes)",
+            ["step"],
+            namespace=ns,
+            registry=registry,
+        )
 
     def set_model_version(self, *, version: int, version_hash: str) -> None:
         """Exactly one labelled series: the serving version."""

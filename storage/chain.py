@@ -297,6 +297,58 @@ class GcPlan:
     collect: list[int]  # versions whose blob goes away now
     delete_blobs: list[str]
     executed: bool = False
+    policy: str = "keep_last"  # which selector decided `kept` (keep_last | ladder | ...)
+    # why each kept version stays: "last", "ref:<name>", "rung:<bucket_s>/<horizon_s>", ...
+    reasons: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GcState:
+    """One consistent read of the chain that a GC selector decides from.
+
+    `records` holds every version not yet collected (no tombstone), plus any tombstoned one whose
+    blob is still present (an interrupted GC) and every kept tombstoned one; reading only those
+    keeps a GC run proportional to the live versions, not to the whole history.
+    """
+
+    counters: tuple[int, ...]  # every version counter, ascending
+    records: Mapping[int, VersionRecord]
+    tombstoned: frozenset[int]
+    present_blobs: frozenset[str]  # sha256 of every blob under objects/
+    refs: Mapping[str, int]
+    now: datetime
+
+    def is_live(self, counter: int) -> bool:
+        """Not collected: a record without a tombstone whose blob is present."""
+        rec = self.records.get(counter)
+        return (
+            rec is not None
+            and counter not in self.tombstoned
+            and rec.blob_sha256 in self.present_blobs
+        )
+
+
+# A GC policy: the versions to keep (counter -> reasons). Refs are added by the executor.
+GcSelector = Callable[[GcState], Mapping[int, tuple[str, ...]]]
+
+
+def plan_collection(
+    records: Mapping[int, VersionRecord], kept: Iterable[int], present_blobs: Iterable[str]
+) -> tuple[list[int], list[str]]:
+    """(versions to collect, blobs to delete): every version not kept whose blob is present,
+    except where a kept version names the same blob (content addressing shares blobs)."""
+    kept_set = set(kept)
+    present = set(present_blobs)
+    kept_blobs = {r.blob_sha256 for c, r in records.items() if c in kept_set}
+    collect: builtins.list[int] = []
+    blobs: set[str] = set()
+    for c in sorted(records):
+        r = records[c]
+        if c in kept_set or r.blob_sha256 in kept_blobs or r.blob_sha256 not in present:
+            continue
+        collect.append(c)
+        blobs.add(r.blob_sha256)
+    return collect, sorted(blobs)
 
 
 # -- the chain ----------------------------------------------------------------------------------
@@ -824,15 +876,43 @@ class VersionChain:
 
     # -- garbage collection -----------------------------------------------------------------------
 
+    # Blobs under objects/ that no record named at the last full scan (e.g. a commit that wrote
+    # its blob and then failed): remembered so they do not force a full scan on every run.
+    _gc_orphans: frozenset[str] = frozenset()
+
     async def gc(self, *, keep: int, execute: bool = False, actor: str = "gc") -> GcPlan:
         """Keep the last `keep` versions and every ref'd one; preview unless execute=True."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-        plan = await self._gc_plan(keep)
+
+        def last_n(state: GcState) -> dict[int, tuple[str, ...]]:
+            return {c: ("last",) for c in state.counters[-keep:]}
+
+        return await self.collect(
+            last_n, keep=keep, execute=execute, actor=actor, policy="keep_last", detail={}
+        )
+
+    async def collect(
+        self,
+        select: GcSelector,
+        *,
+        keep: int,
+        execute: bool = False,
+        actor: str = "gc",
+        policy: str = "custom",
+        detail: Mapping[str, Any] | None = None,
+    ) -> GcPlan:
+        """The one GC executor: keep what `select` names plus every ref'd version, collect the
+        rest. Preview unless execute=True; executing writes a tombstone per collected version
+        before its blob is deleted (so `verify` tells collected from lost), then one audit entry
+        (`gc`, with `detail`, the policy, the collected versions and the blob count)."""
+        plan = await self._gc_plan(select, keep, policy)
         if not execute or not plan.collect:
             return plan
         # Re-plan just before deleting so a ref set meanwhile still protects its version.
-        plan = await self._gc_plan(keep)
+        plan = await self._gc_plan(select, keep, policy)
+        if not plan.collect:
+            return plan
         records = {r.counter: r for r in await self._gather(plan.collect, self.get)}
         doomed = set(plan.delete_blobs)
         for c in plan.collect:
@@ -850,28 +930,84 @@ class VersionChain:
                 await self._put_if_absent(tombstone_key(c), tomb)
         for sha in sorted(doomed):
             await self._delete(blob_key(sha))
-        await self.append_audit(
-            "gc",
-            actor=actor,
-            detail={"keep": keep, "collected": plan.collect, "blobs": len(plan.delete_blobs)},
+        audit = {**dict(detail or {}), "keep": keep}
+        if policy != "keep_last":
+            audit["policy"] = policy
+        audit.update(collected=plan.collect, blobs=len(plan.delete_blobs))
+        await self.append_audit("gc", actor=actor, detail=audit)
+        return GcPlan(
+            keep,
+            plan.kept,
+            plan.collect,
+            plan.delete_blobs,
+            executed=True,
+            policy=policy,
+            reasons=plan.reasons,
         )
-        return GcPlan(keep, plan.kept, plan.collect, plan.delete_blobs, executed=True)
 
-    async def _gc_plan(self, keep: int) -> GcPlan:
-        records = await self.list()
-        if not records:
-            return GcPlan(keep, [], [], [])
-        protected = set((await self.refs()).values())
-        last = {r.counter for r in records[-keep:]}
-        kept = sorted(last | (protected & {r.counter for r in records}))
-        kept_blobs = {r.blob_sha256 for r in records if r.counter in kept}
-        present = set(await self._list("objects/"))
-        collect: builtins.list[int] = []
-        blobs: set[str] = set()
-        for r in records:
-            if r.counter in kept or r.blob_sha256 in kept_blobs:
-                continue
-            if blob_key(r.blob_sha256) in present:
-                collect.append(r.counter)
-                blobs.add(r.blob_sha256)
-        return GcPlan(keep, kept, collect, sorted(blobs))
+    async def gc_state(self) -> GcState:
+        """Read what a GC decides from; versions already collected are not read again."""
+        counters = await self.counters()
+        tomb_keys = await self._list("tombstones/")
+        tombstoned = frozenset(
+            int(k[len("tombstones/") : -len(".json")])
+            for k in tomb_keys
+            if re.fullmatch(r"tombstones/\d{10}\.json", k)
+        )
+        refs = await self.refs()
+        present = frozenset(
+            k[len("objects/") :] for k in await self._list("objects/") if k.startswith("objects/")
+        )
+        existing = set(counters)
+        records = {
+            r.counter: r
+            for r in await self._gather([c for c in counters if c not in tombstoned], self.get)
+        }
+        # A present blob that no record read so far names: a tombstoned version whose blob an
+        # interrupted GC left behind, or an orphan. Only then read the tombstoned records.
+        named = {r.blob_sha256 for r in records.values()}
+        unknown = present - named - self._gc_orphans
+        if unknown:
+            rest = [c for c in counters if c in tombstoned and c not in records]
+            for r in await self._gather(rest, self.get):
+                if r.blob_sha256 in present:
+                    records[r.counter] = r
+                named.add(r.blob_sha256)
+            self._gc_orphans = frozenset((self._gc_orphans | unknown) - named)
+        return GcState(
+            counters=tuple(counters),
+            records=records,
+            tombstoned=tombstoned & existing,
+            present_blobs=present,
+            refs=refs,
+            now=self.clock(),
+        )
+
+    async def _gc_plan(self, select: GcSelector, keep: int, policy: str) -> GcPlan:
+        state = await self.gc_state()
+        if not state.counters:
+            return GcPlan(keep, [], [], [], policy=policy)
+        existing = set(state.counters)
+        reasons: dict[int, builtins.list[str]] = {}
+        for c, why in select(state).items():
+            if c in existing:
+                reasons.setdefault(c, []).extend(why)
+        for name, c in sorted(state.refs.items()):
+            ref_reason = f"ref:{name}"
+            if c in existing and ref_reason not in reasons.get(c, ()):
+                reasons.setdefault(c, []).append(ref_reason)
+        kept = sorted(reasons)
+        # A kept version that was collected earlier may still share a blob with a live one.
+        records = dict(state.records)
+        missing = [c for c in kept if c not in records]
+        for r in await self._gather(missing, self.get):
+            records[r.counter] = r
+        collect, blobs = plan_collection(records, kept, state.present_blobs)
+        return GcPlan(
+            keep,
+            kept,
+            collect,
+            blobs,
+            policy=policy,
+            reasons={c: tuple(reasons[c]) for c in kept},
+        )

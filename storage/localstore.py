@@ -161,12 +161,15 @@ class LocalStore(ObjectStore):
             self._sync_parent(path)
 
     def _list_sync(self, prefix: str) -> list[str]:
+        return sorted(key for key, _ in self._walk_sync(prefix))
+
+    def _walk_sync(self, prefix: str, *, sizes: bool = False) -> Iterator[tuple[str, int]]:
+        """(key, size) under `prefix`; size is -1 unless `sizes` (a stat per file)."""
         # Walk only the deepest directory the prefix names.
         base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self.root / base_rel if base_rel else self.root
-        keys: list[str] = []
         if not base.is_dir():
-            return keys
+            return
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
@@ -174,10 +177,19 @@ class LocalStore(ObjectStore):
                 if name.startswith("."):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
-                    keys.append(key)
-        keys.sort()
-        return keys
+                if not key.startswith(prefix):
+                    continue
+                if not sizes:
+                    yield key, -1
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                yield key, size
+
+    def _list_sizes_sync(self, prefix: str) -> dict[str, int]:
+        return dict(sorted(self._walk_sync(prefix, sizes=True)))
 
     # -- async interface -------------------------------------------------------------------------
 
@@ -206,6 +218,13 @@ class LocalStore(ObjectStore):
         validate_prefix(prefix)
         try:
             return await asyncio.to_thread(self._list_sync, prefix)
+        except OSError as exc:
+            raise _map_os_error(exc, prefix) from exc
+
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        validate_prefix(prefix)
+        try:
+            return await asyncio.to_thread(self._list_sizes_sync, prefix)
         except OSError as exc:
             raise _map_os_error(exc, prefix) from exc
 

@@ -68,6 +68,17 @@ class ObjectStore(abc.ABC):
     async def delete(self, key: str) -> None:
         """Remove `key`; deleting a missing key is not an error."""
 
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every key under `prefix` -> its size in bytes (for accounting; a key deleted meanwhile
+        is left out). Backends answer from their listing; this fallback reads each object."""
+        out: dict[str, int] = {}
+        for key in await self.list(prefix):
+            try:
+                out[key] = len((await self.get(key)).data)
+            except NotFound:
+                continue
+        return out
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -109,6 +120,9 @@ class MemoryStore(ObjectStore):
 
     async def list(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self._objects if k.startswith(prefix))
+
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        return {k: len(v) for k, v in sorted(self._objects.items()) if k.startswith(prefix)}
 
     async def delete(self, key: str) -> None:
         self._objects.pop(key, None)

@@ -99,6 +99,9 @@ class RetryingStore(ObjectStore):
     async def list(self, prefix: str = "") -> list[str]:
         return await self._call(f"list {prefix}", lambda: self.inner.list(prefix))
 
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        return await self._call(f"list_sizes {prefix}", lambda: self.inner.list_sizes(prefix))
+
     async def delete(self, key: str) -> None:
         await self._call(f"delete {key}", lambda: self.inner.delete(key))
 

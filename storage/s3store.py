@@ -188,19 +188,26 @@ class S3Store(ObjectStore):
         return await self._put(key, data, IfMatch=f'"{_strip_etag(etag)}"')
 
     async def list(self, prefix: str = "") -> list[str]:
+        return sorted(await self._list_objects(prefix))
+
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        return dict(sorted((await self._list_objects(prefix)).items()))
+
+    async def _list_objects(self, prefix: str) -> dict[str, int]:
+        """key -> size (ListObjectsV2 returns both)."""
         full = self.prefix + validate_prefix(prefix)
         client = await self._c()
-        keys: list[str] = []
+        out: dict[str, int] = {}
         try:
             paginator = client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(
                 Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size}
             ):
-                keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", ()))
+                for obj in page.get("Contents", ()):
+                    out[obj["Key"][len(self.prefix) :]] = int(obj.get("Size", 0))
         except Exception as exc:
             raise map_s3_error(exc, f"list {full}") from exc
-        keys.sort()
-        return keys
+        return out
 
     async def delete(self, key: str) -> None:
         full = self._full(key)
