@@ -123,6 +123,11 @@ class TrainingSettings(_Group):
     max_seconds: float | None = Field(default=None, gt=0.0)
     max_steps: int | None = Field(default=None, ge=1)
     commit: CommitPlan = CommitPlan()
+    # Live TensorBoard scalars (loss, lr, samples/s, held-out validation, ...) under this
+    # directory; None: off. Training scalars are averaged over every `tensorboard_every_steps`
+    # steps (a continuous run writing every step would grow the event file without bound).
+    tensorboard_dir: Path | None = None
+    tensorboard_every_steps: int = Field(default=10, ge=1)
 
 
 class ModelSettings(_Group):
@@ -135,6 +140,44 @@ class ModelSettings(_Group):
 
 class JobsSettings(_Group):
     config_file: Path | None = None
+
+
+class JobRetentionLimits(_Group):
+    """Retention of one job's results (`jobs/<name>/...`); None = no limit of that kind."""
+
+    max_age_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    max_count: int | None = Field(default=None, ge=1)
+
+
+class RetentionSettings(_Group):
+    """Automatic retention (storage/retention.py), run by the server every `interval_s`.
+
+    Versions kept: the last `keep_last`, every ref'd one (tags, pins, serving) and the version
+    being served, and one per `bucket_s` among those younger than `horizon_s` for each
+    `[bucket_s, horizon_s]` rung of `ladder`; optionally bounded by `max_blob_bytes`.
+    """
+
+    enabled: bool = True
+    # The first run happens one interval after start-up, never at start.
+    interval_s: float = Field(default=600.0, gt=0.0, allow_inf_nan=False)
+    keep_last: int = Field(default=10, ge=1)
+    ladder: tuple[tuple[float, float], ...] = ((3600.0, 86_400.0), (86_400.0, 2_592_000.0))
+    max_blob_bytes: int | None = Field(default=None, ge=1)
+    job_max_age_s: float | None = Field(default=604_800.0, gt=0.0, allow_inf_nan=False)
+    job_max_count: int | None = Field(default=None, ge=1)
+    # Per job name overrides of job_max_age_s / job_max_count.
+    job_limits: dict[str, JobRetentionLimits] = Field(default_factory=dict)
+    actor: str = Field(default="retention", min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> RetentionSettings:
+        for i, (bucket, horizon) in enumerate(self.ladder):
+            if not (0.0 < bucket <= horizon < float("inf")):
+                raise ValueError(
+                    f"ladder[{i}] = [{bucket}, {horizon}]: need 0 < bucket_s <= horizon_s "
+                    "(finite seconds)"
+                )
+        return self
 
 
 class LoggingSettings(_Group):
@@ -160,6 +203,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     model: ModelSettings = ModelSettings()
     jobs: JobsSettings = JobsSettings()
+    retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     core: CoreConfig = CoreConfig()
 

@@ -1,4 +1,4 @@
-"""The `spectralmc` command: `train`, `store ...`, `serve`.
+"""The `spectralmc` command: `train`, `tune`, `store ...`, `serve`.
 
 It lives at the top of the dependency graph (server -> storage -> spectral_core) because it
 composes all three. Usage errors exit 2 with a one-line message, never a traceback.
@@ -21,7 +21,7 @@ class UsageError(Exception):
     """Bad command-line input: exit 2 with the message."""
 
 
-def _load_core_config(path: str | None, device: str | None) -> Any:
+def _load_core_config(path: str | None, device: str | None, process: str | None = None) -> Any:
     from spectral_core.config import CoreConfig
 
     data: dict[str, Any] = {}
@@ -37,6 +37,11 @@ def _load_core_config(path: str | None, device: str | None) -> Any:
             kind = p.suffix.lstrip(".") or "JSON"
             raise UsageError(f"config {path} is not valid {kind}: {exc}") from None
         data = data.get("core", data)
+    if process is not None:
+        named = data.get("process", process)
+        if named != process:
+            raise UsageError(f"--process {process} but config {path} has process = {named!r}")
+        data["process"] = process
     if device is not None:
         data["device"] = device
     try:
@@ -87,6 +92,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from server.tuning import TuneError, TuneSpec, best_core_toml, open_study, run_study
+    from spectral_core.device import DeviceError, resolve_device
+
+    if args.trials <= 0:
+        raise UsageError(f"--trials must be positive, got {args.trials}")
+    if not (args.seconds_per_trial > 0 and args.seconds_per_trial < float("inf")):
+        raise UsageError(f"--seconds-per-trial must be positive, got {args.seconds_per_trial}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    base = _load_core_config(args.config, args.device, args.process)
+    try:
+        resolve_device(base.device)  # `cuda` without a GPU: a usage error, not N failed trials
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+    study_name = args.study_name or f"spectralmc-{base.process}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line a trial, below, instead
+    try:
+        spec = TuneSpec(base=base, seconds_per_trial=args.seconds_per_trial, metric=args.metric)
+        study = open_study(spec, args.storage, study_name, seed=args.seed)
+    except TuneError as exc:
+        raise UsageError(str(exc)) from None
+
+    def on_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        value = "" if t.value is None else f" {args.metric}={t.value:.4g}"
+        steps = t.user_attrs.get("steps")
+        try:
+            best = f"best: trial {study.best_trial.number} {study.best_value:.4g}"
+        except ValueError:  # no completed trial yet
+            best = "no completed trial yet"
+        print(
+            f"trial {t.number} {t.state.name.lower()}{value}"
+            f"{'' if steps is None else f' steps={steps}'} ({best}) {t.params}",
+            file=sys.stderr,
+        )
+
+    print(
+        f"study {study_name!r} in {args.storage}: {len(study.trials)} trial(s) so far, "
+        f"adding {args.trials} of {args.seconds_per_trial:g} s on {base.process}",
+        file=sys.stderr,
+    )
+    try:
+        run_study(spec, study, args.trials, on_trial=on_trial)
+    except KeyboardInterrupt:
+        print(
+            "spectralmc tune: interrupted; finished trials are kept, rerun to go on",
+            file=sys.stderr,
+        )
+        return 130
+    try:
+        print(best_core_toml(study), end="")
+    except TuneError as exc:
+        print(f"spectralmc: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_store(argv: list[str]) -> int:
     from storage.cli import main as store_main
 
@@ -124,6 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="core config as TOML (a [core] table or top level) or JSON")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    u = sub.add_parser(
+        "tune",
+        help="search optimiser, schedule, batch and width with Optuna; print the best [core]",
+    )
+    u.add_argument(
+        "--process",
+        choices=["gbm", "heston", "bates"],
+        help="the process (default: the config's, or gbm)",
+    )
+    u.add_argument("--trials", type=int, required=True, help="trials to add to the study")
+    u.add_argument(
+        "--seconds-per-trial", type=float, required=True, help="training wall time of each trial"
+    )
+    u.add_argument(
+        "--storage", required=True, help="Optuna RDB storage URL, e.g. sqlite:///tune.db"
+    )
+    u.add_argument(
+        "--study-name", help="study to create or resume (default: spectralmc-PROCESS)"
+    )
+    u.add_argument(
+        "--metric", choices=["val_loss", "mean_abs_bp"], default="val_loss",
+        help="held-out error to minimise: spectral loss on MC labels (default) or the put-price "
+        "error against the oracle in bp",
+    )
+    u.add_argument(
+        "--config",
+        help="base core config (TOML or JSON); the search overrides its optim, batch and arch",
+    )
+    u.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], help="overrides the config's device"
+    )
+    u.add_argument("--seed", type=int, default=0, help="sampler seed")
     sub.add_parser(
         "store",
         help="inspect and maintain a version chain (see `spectralmc store -h`)",
@@ -143,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "tune":
+            return _cmd_tune(args)
         return _cmd_serve(args)
     except UsageError as exc:
         print(f"spectralmc: error: {exc}", file=sys.stderr)

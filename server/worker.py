@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ from storage.chain import VersionChain, VersionRecord
 from storage.commits import BackgroundCommitter, CommitPlan
 from storage.objectstore import Corrupt, NotFound, Unavailable
 from storage.tasks import cancel_and_wait
+from storage.tensorboard import ScalarWriter
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +37,12 @@ log = structlog.get_logger(__name__)
 _MAX_RESUME_SKIPS = 16
 # Longest wait between tries to reach the store at start-up.
 _MAX_START_RETRY_S = 10.0
+
+# TensorBoard tags of the hooks other components call (see TrainingWorker.record_scalars). The
+# validation tags are `quality/val_*`, the names of the version records' quality metrics, so live
+# scalars and `spectralmc store tensorboard-log` of the chain line up in one TensorBoard.
+TB_ERROR_OVER_FLOOR = "quality/error_over_floor"
+TB_PROMOTED_VERSION = "serving/promoted_version"
 
 State = Literal["starting", "running", "paused", "finished", "stopped", "error"]
 
@@ -112,6 +121,9 @@ class TrainingWorker:
         self._committer: BackgroundCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starter: asyncio.Task[None] | None = None
+        # live TensorBoard scalars ([training] tensorboard_dir); opened by the training thread
+        self._tb: ScalarWriter | None = None
+        self._tb_window: list[StepMetrics] = []
 
     # ------------------------------------------------------------------ lifecycle (event loop side)
     async def start(self) -> None:
@@ -209,6 +221,8 @@ class TrainingWorker:
         if self._committer is not None:
             committer = self._committer
             await asyncio.to_thread(committer.close)
+        if self._tb is not None:
+            await asyncio.to_thread(self._tb.close)
         if self.state not in ("error", "finished"):
             self.state = "stopped"
 
@@ -311,6 +325,83 @@ class TrainingWorker:
     def _on_validation(self, v: ValidationMetrics) -> None:
         self.last_validation = v
         self.metrics.training_validation_error.set(v.mean_abs_bp)
+        # every held-out field, named like the records' quality metrics (val_loss, val_mean_...)
+        self._tb_write(v.step, {
+            f"quality/{k if k.startswith('val_') else 'val_' + k}": x
+            for k, x in v.as_dict().items()
+            if k != "step"
+        })
+
+    # ------------------------------------------------------------------ TensorBoard
+    @property
+    def tensorboard(self) -> ScalarWriter | None:
+        """The live scalar writer (None: off, not opened yet, or failed)."""
+        return self._tb
+
+    def record_scalars(
+        self, values: Mapping[str, float | None], *, step: int | None = None
+    ) -> None:
+        """Hook for other components (promotion, quality checks): write `values` (tag -> value,
+        None skipped) to the live TensorBoard at `step` (default: the last training step).
+        Thread-safe; a no-op when TensorBoard is off or closed."""
+        if step is None:
+            step = 0 if self.last_step is None else self.last_step.step
+        self._tb_write(step, values)
+
+    def record_error_over_floor(self, ratio: float, *, step: int | None = None) -> None:
+        """Held-out error over the MC noise floor of the current weights."""
+        self.record_scalars({TB_ERROR_OVER_FLOOR: ratio}, step=step)
+
+    def record_promotion(self, counter: int, *, step: int | None = None) -> None:
+        """The serving ref moved to version `counter`."""
+        self.record_scalars({TB_PROMOTED_VERSION: float(counter)}, step=step)
+
+    def _open_tensorboard(self) -> None:
+        directory = self.settings.training.tensorboard_dir
+        if directory is None or self._tb is not None:
+            return
+        try:
+            self._tb = ScalarWriter(directory)
+        except Exception as exc:  # a diagnostics sink never stops training
+            log.error("cannot open the TensorBoard directory; training goes on without it",
+                      directory=str(directory), error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("writing TensorBoard scalars", directory=str(directory))
+
+    def _tb_write(self, step: int, values: Mapping[str, float | None]) -> None:
+        tb = self._tb
+        if tb is None:
+            return
+        try:
+            tb.scalars(step, values)
+        except Exception as exc:  # e.g. disk full: log once, turn live scalars off
+            log.error("TensorBoard write failed; live scalars are off",
+                      error=f"{type(exc).__name__}: {exc}")
+            self._tb = None
+            with contextlib.suppress(Exception):
+                tb.close()
+
+    def _tb_step(self, m: StepMetrics) -> None:
+        """Collect the step; every `tensorboard_every_steps` steps write the window's means."""
+        if self._tb is None:
+            return
+        self._tb_window.append(m)
+        if m.step % self.settings.training.tensorboard_every_steps == 0:
+            self._tb_flush_window()
+
+    def _tb_flush_window(self) -> None:
+        window, self._tb_window = self._tb_window, []
+        if not window:
+            return
+        n, last = len(window), window[-1]
+        self._tb_write(last.step, {
+            "train/loss": math.fsum(w.loss for w in window) / n,
+            "train/grad_norm": math.fsum(w.grad_norm for w in window) / n,
+            "train/lr": last.lr,
+            # every step of a run draws the same samples: throughput = harmonic mean
+            "train/samples_per_s": n / math.fsum(1.0 / w.samples_per_s for w in window),
+            "train/steps_per_s": n / math.fsum(1.0 / w.steps_per_s for w in window),
+        })
 
     def _run(self, snapshot: Snapshot | None) -> None:
         try:
@@ -327,6 +418,7 @@ class TrainingWorker:
         self.started_at = time.monotonic()
         first_step = trainer.global_step
         self.state = "running" if self._running.is_set() else "paused"
+        self._open_tensorboard()
         try:
             while not self._stop.is_set():
                 self._serve_requests(trainer)
@@ -348,6 +440,7 @@ class TrainingWorker:
                 self.metrics.training_step.set(m.step)
                 self.metrics.training_loss.set(m.loss if math.isfinite(m.loss) else float("nan"))
                 self.metrics.training_samples_per_second.set(m.samples_per_s)
+                self._tb_step(m)
                 if trainer.global_step % self.config.train.validation_every == 0:
                     self._on_validation(trainer.validate())
                 committer.maybe_commit(
@@ -370,6 +463,14 @@ class TrainingWorker:
         finally:
             trainer.close()
             self._cancel_requests()
+            # the steps since the last point, then to disk (stop() closes the writer)
+            self._tb_flush_window()
+            tb = self._tb
+            if tb is not None:
+                try:
+                    tb.flush()
+                except Exception as exc:
+                    log.error("TensorBoard flush failed", error=f"{type(exc).__name__}: {exc}")
 
     def _count_commit(self, ok: bool) -> None:
         self.metrics.commits.labels(result="ok" if ok else "error").inc()

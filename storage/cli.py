@@ -10,12 +10,7 @@ import argparse
 import asyncio
 import getpass
 import json
-import math
-import os
-import socket
-import struct
 import sys
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +19,7 @@ from typing import Any, NoReturn
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import Conflict, Corrupt, Invalid, NotFound, StoreError, Unavailable
 from storage.retry import RetryPolicy
+from storage.tensorboard import ScalarWriter, finite_scalars
 from storage.url import open_store
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -153,7 +149,10 @@ async def _dispatch(args: argparse.Namespace, chain: VersionChain, actor: str, o
         return EXIT_OK
     if cmd == "tensorboard-log":
         records = await chain.list()
-        path = write_tensorboard_log(args.dir, records)
+        try:
+            path = write_tensorboard_log(args.dir, records)
+        except OSError as exc:
+            raise UsageError(f"cannot write TensorBoard events to {args.dir}: {exc}") from None
         print(f"wrote {len(records)} version(s) to {path}", file=out)
         return EXIT_OK
     raise UsageError(f"unknown command {cmd!r}")
@@ -189,105 +188,26 @@ def main(argv: Sequence[str] | None = None, *, out: Any = None) -> int:
     return code
 
 
-# -- minimal TensorBoard event writer (TFRecord framing, masked CRC32C, hand-encoded protobuf) --
-
-_CRC32C_TABLE: list[int] = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC32C_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord uses."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1  # protobuf int64: negative numbers as 10-byte two's complement
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def event_bytes(
-    *,
-    wall_time: float,
-    step: int,
-    file_version: str | None = None,
-    scalars: dict[str, float] | None = None,
-) -> bytes:
-    """Serialise a tensorflow.Event: wall_time=1 (double), step=2, file_version=3, summary=5."""
-    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-    if file_version is not None:
-        msg += _field_bytes(3, file_version.encode())
-    if scalars:
-        summary = b"".join(
-            # Summary.value=1 { tag=1 (string), simple_value=2 (float) }
-            _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-            for tag, value in scalars.items()
-        )
-        msg += _field_bytes(5, summary)
-    return msg
-
-
 def _scalars(rec: VersionRecord) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for group, metrics in (("train", rec.training_metrics), ("quality", rec.quality_metrics)):
-        for name, value in sorted(metrics.items()):
-            numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if numeric and math.isfinite(float(value)):
-                out[f"{group}/{name}"] = float(value)
-    return out
+    return {
+        **finite_scalars("train", rec.training_metrics),
+        **finite_scalars("quality", rec.quality_metrics),
+    }
 
 
 def write_tensorboard_log(directory: Path, records: Sequence[VersionRecord]) -> Path:
-    """One event file with train/* and quality/* scalars per version (step = metrics' step)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = (
-        directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    )
-    with open(path, "wb") as fh:
-        fh.write(tfrecord(event_bytes(wall_time=time.time(), step=0, file_version="brain.Event:2")))
+    """One new event file under `directory` with train/* and quality/* scalars and
+    chain/version per version (step = the metrics' step, wall time = the commit time).
+    Returns the event file (the directory if TensorBoard hides its name)."""
+    with ScalarWriter(directory) as writer:
         for rec in records:
             step = rec.training_metrics.get("step", rec.counter)
             if isinstance(step, bool) or not isinstance(step, int):
                 step = rec.counter
             wall = datetime.fromisoformat(rec.created_at).timestamp()
             scalars = {**_scalars(rec), "chain/version": float(rec.counter)}
-            fh.write(tfrecord(event_bytes(wall_time=wall, step=step, scalars=scalars)))
-        fh.flush()
-        os.fsync(fh.fileno())
+            writer.scalars(step, scalars, walltime=wall)
+        path = writer.path or Path(directory)
     return path
 
 
