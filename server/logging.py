@@ -23,30 +23,96 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = structlog.get_logger("spectralmc.access")
 
 
+_HANDLER_MARK = "_spectralmc_log_handler"
+
+
+def _foreign_stack_info(
+    logger: object, method_name: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A stdlib record's `stack_info` (already a string) under the key structlog uses."""
+    stack = event_dict.pop("stack_info", None)
+    if stack:
+        event_dict["stack"] = stack
+    return event_dict
+
+
+def _drop_formatter_fields(
+    logger: object, method_name: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """`message` / `asctime` are set on a record by another handler's formatter (e.g. pytest's),
+    not by the caller (logging refuses them as extras): ExtraAdder must not repeat them."""
+    event_dict.pop("message", None)
+    event_dict.pop("asctime", None)
+    return event_dict
+
+
+def _is_plain_console_handler(handler: logging.Handler) -> bool:
+    """A `logging.basicConfig`-style handler: it would print non-JSON lines beside ours."""
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+        sys.stderr,
+        sys.stdout,
+        sys.__stderr__,
+        sys.__stdout__,
+    )
+
+
 def configure_logging(settings: LoggingSettings) -> None:
-    """Configure structlog (and stdlib logging under it) once per process, at start-up."""
+    """Route every log line, structlog's and stdlib's (storage, aiohttp, botocore), through one
+    structlog formatter on the root logger: JSON (or console) with level, timestamp, logger name
+    and the bound context variables (request_id, method, route inside a request).
+
+    Idempotent: a second call replaces the handler it installed (and any basicConfig-style
+    console handler) instead of adding another; other handlers (pytest's capture) are kept.
+    """
     level = logging.getLevelNamesMapping()[settings.level]
+    json_format = settings.format == "json"
+    # Both sources get the same fields; for structlog's own events they are added before the
+    # hand-off to stdlib, for stdlib records by the formatter's foreign_pre_chain.
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if settings.format == "json"
-        else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if json_format else structlog.dev.ConsoleRenderer()
+    )
+    # The console renderer formats exceptions itself (and warns if they arrive pre-formatted).
+    exc: list[structlog.typing.Processor] = (
+        [structlog.processors.format_exc_info] if json_format else []
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         # Not cached: a later configure_logging call (tests, reloads) must reach every logger.
         cache_logger_on_first_use=False,
     )
-    # Libraries (aiohttp, botocore) log through stdlib; keep them at the same threshold.
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            *shared,
+            structlog.stdlib.ExtraAdder(),
+            _drop_formatter_fields,
+            _foreign_stack_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exc, renderer],
+    )
+    # sys.stderr as it is now (a redirect or capture in force at configure time is honoured).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _HANDLER_MARK, False) or _is_plain_console_handler(old):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    # Libraries (aiohttp, botocore) log through stdlib at the same threshold.
+    root.setLevel(level)
 
 
 def new_request_id() -> str:
