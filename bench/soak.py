@@ -187,14 +187,17 @@ def rss_kb(pid: int) -> int:
 class ServerProcess:
     """`spectralmc serve` on a fresh local store in `workdir`; logs go to `workdir/server.log`."""
 
-    def __init__(self, workdir: Path, *, commit_every_s: float) -> None:
+    def __init__(
+        self, workdir: Path, *, commit_every_s: float, template: str = SERVER_TOML
+    ) -> None:
+        """`template`: the settings TOML, formatted with port, store and commit_every_s."""
         self.workdir = workdir
         self.store = workdir / "store"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "settings.toml"
         self.config.write_text(
-            SERVER_TOML.format(port=self.port, store=self.store, commit_every_s=commit_every_s)
+            template.format(port=self.port, store=self.store, commit_every_s=commit_every_s)
         )
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
