@@ -111,7 +111,7 @@ end
 BASELINE_APP = """\
 import sys
 from aiohttp import web
-from server.errors import read_json
+from server.http import read_json
 from server.valuation import PriceRequest
 from config.settings import Settings
 from server.keys import SETTINGS_KEY

@@ -136,6 +136,15 @@ class ModelSettings(_Group):
     pin_ref: str = Field(default="production", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     pinned_version: int | None = Field(default=None, ge=0)
     verify_on_load: bool = True
+    # Admission (server/model.py): the bytes of the contract rows queued or being priced
+    # (Pricer.row_bytes, ~0.8 kB a row at the default size) are bounded; past the bound a
+    # request is refused at once with 503 + Retry-After, never left to time out.
+    max_inflight_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=1 << 34)
+    # Rows per forward pass of the continuous batcher (one larger request goes alone).
+    max_batch_rows: int = Field(default=4096, ge=1, le=1 << 20)
+    # How long a request may wait for its answer unless its X-Deadline-Ms header says
+    # otherwise: work that cannot be (or was not) priced in time is refused with 503.
+    deadline_s: float = Field(default=5.0, gt=0.0, le=3600.0)
 
 
 class JobsSettings(_Group):

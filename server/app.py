@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from config.settings import Settings, StoreSettings
-from server.errors import error_middleware
+from server.errors import ErrorRule, builtin_rules, error_middleware
 from server.jobs import build_scheduler, jobs_ctx
 from server.keys import (
     CHAIN_KEY,
@@ -30,7 +31,7 @@ from server.keys import (
 )
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
-from server.model import ModelInfo, ModelService
+from server.model import BatchStats, ModelInfo, ModelService, NoModel, Overloaded
 from server.retention import RETENTION_KEY, build_retention, retention_ctx
 from server.routes import setup_routes
 from server.worker import TrainingWorker
@@ -95,15 +96,24 @@ def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) ->
         metrics.set_model_version(version=info.counter, version_hash=info.version_hash)
         metrics.model_swaps.inc()
 
-    def on_batch(requests: int, rows: int) -> None:
-        metrics.contracts_priced.inc(rows)
+    def on_batch(stats: BatchStats) -> None:
+        metrics.contracts_priced.inc(stats.rows)
+        metrics.pricing_batch_rows.observe(stats.rows)
+        metrics.pricing_batch_requests.observe(stats.requests)
+        for delay in stats.queue_delays_s:
+            metrics.pricing_queue_delay.observe(delay)
 
     return ModelService(
         chain,
         poll_interval=m.poll_interval_s,
         fixed_target=fixed,
+        max_batch_rows=m.max_batch_rows,
+        max_inflight_bytes=m.max_inflight_bytes,
+        deadline_s=m.deadline_s,
         on_swap=on_swap,
         on_batch=on_batch,
+        on_admit=metrics.pricing_inflight_rows.observe,
+        on_reject=lambda reason: metrics.pricing_rejections.labels(reason=reason).inc(),
         on_load_failure=lambda kind: metrics.model_load_failures.labels(kind=kind).inc(),
     )
 
@@ -134,6 +144,27 @@ async def _train(app: web.Application) -> AsyncIterator[None]:
         await worker.stop()
 
 
+def _error_rules(settings: Settings) -> list[ErrorRule]:
+    """This service's domain errors ahead of the built-in ones (the first match wins)."""
+    retry_no_model = str(max(1, math.ceil(settings.model.poll_interval_s)))
+    return [
+        # Load shedding: refused at once with when to come back; counted, not logged.
+        ErrorRule(
+            Overloaded,
+            503,
+            "overloaded",
+            headers=lambda exc: {
+                "Retry-After": str(getattr(exc, "retry_after_s", 1)),
+                "X-Overload-Reason": str(getattr(exc, "reason", "")),
+            },
+            log=False,
+        ),
+        # No model version loaded yet is a state of the service, not of the request.
+        ErrorRule(NoModel, 503, "unavailable", headers=lambda exc: {"Retry-After": retry_no_model}),
+        *builtin_rules(),
+    ]
+
+
 def create_app(
     settings: Settings,
     *,
@@ -154,7 +185,10 @@ def create_app(
         middlewares=[
             request_context_middleware(),
             metrics_middleware(metrics),
-            error_middleware(request_timeout_s=settings.server.request_timeout_s),
+            error_middleware(
+                request_timeout_s=settings.server.request_timeout_s,
+                rules=_error_rules(settings),
+            ),
         ],
     )
     app[SETTINGS_KEY] = settings

@@ -1,30 +1,28 @@
 """One error middleware: every failure becomes `{"error", "detail", "fields", "request_id"}`.
 
 Domain errors become HTTP errors here and nowhere else. Routes raise domain exceptions (or
-aiohttp's HTTP exceptions) and read bodies through `read_json`; nothing else renders an error.
-The table of domain errors is open: `register_error(SomeError, 409, "conflict")`.
+aiohttp's HTTP exceptions) and read bodies through `server.http.read_json`; nothing else renders
+an error. The table of domain errors belongs to the app: `create_app` passes the service's own
+rules (NoModel, Overloaded) ahead of `builtin_rules()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from server.keys import REQUEST_ID_KEY, SETTINGS_KEY
+from server.keys import REQUEST_ID_KEY
 from storage.marketdata import BackdatedWrite, MarketDataInvalid
 from storage.objectstore import Conflict, Corrupt, Invalid, NotFound, Unavailable
 
 log = structlog.get_logger("spectralmc.server")
-
-M = TypeVar("M", bound=BaseModel)
 
 _KINDS: Mapping[int, str] = {
     400: "bad_request",
@@ -66,32 +64,34 @@ class MalformedBody(Exception):
 
 
 @dataclass(frozen=True)
-class _Rule:
+class ErrorRule:
+    """A domain exception and its answer. `headers(exc)` adds response headers (Retry-After);
+    `log` is False for refusals that are part of normal operation (load shedding), which are
+    counted in /metrics instead of logged per request."""
+
     exc: type[BaseException]
     status: int
     kind: str
-    expose_detail: bool
+    expose_detail: bool = True
+    headers: Callable[[BaseException], Mapping[str, str]] | None = None
+    log: bool = True
+
+    def __post_init__(self) -> None:
+        if not 400 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP error status, got {self.status}")
 
 
-# Most specific first: the first matching rule wins.
-_RULES: list[_Rule] = [
-    _Rule(BackdatedWrite, 409, "backdated_write", True),
-    _Rule(Conflict, 409, "conflict", True),
-    _Rule(NotFound, 404, "not_found", True),
-    _Rule(Unavailable, 503, "unavailable", True),
-    # Corrupt and Invalid from a store are the operator's problem: log, do not expose.
-    _Rule(Corrupt, 500, "internal", False),
-    _Rule(Invalid, 500, "internal", False),
-]
-
-
-def register_error(
-    exc: type[BaseException], status: int, kind: str, *, expose: bool = True
-) -> None:
-    """Map a domain exception to a status; registered rules take precedence over the built-ins."""
-    if not 400 <= status <= 599:
-        raise ValueError(f"status must be an HTTP error status, got {status}")
-    _RULES.insert(0, _Rule(exc, status, kind, expose))
+def builtin_rules() -> list[ErrorRule]:
+    """The store's and market data's errors, most specific first (the first match wins)."""
+    return [
+        ErrorRule(BackdatedWrite, 409, "backdated_write"),
+        ErrorRule(Conflict, 409, "conflict"),
+        ErrorRule(NotFound, 404, "not_found"),
+        ErrorRule(Unavailable, 503, "unavailable"),
+        # Corrupt and Invalid from a store are the operator's problem: log, do not expose.
+        ErrorRule(Corrupt, 500, "internal", expose_detail=False),
+        ErrorRule(Invalid, 500, "internal", expose_detail=False),
+    ]
 
 
 def error_body(
@@ -141,8 +141,12 @@ def _http_exception(request: web.Request, exc: web.HTTPException) -> web.StreamR
     return error_response(request, status=exc.status, kind=kind, detail=detail, headers=headers)
 
 
-def error_middleware(*, request_timeout_s: float) -> Middleware:
-    """Render every failure as JSON; bound each request by `request_timeout_s`."""
+def error_middleware(
+    *, request_timeout_s: float, rules: Sequence[ErrorRule] | None = None
+) -> Middleware:
+    """Render every failure as JSON; bound each request by `request_timeout_s`. `rules`: the
+    domain errors in order of precedence (default `builtin_rules()`)."""
+    table = tuple(builtin_rules() if rules is None else rules)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -184,13 +188,17 @@ def error_middleware(*, request_timeout_s: float) -> Middleware:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            for rule in _RULES:
+            for rule in table:
                 if isinstance(exc, rule.exc):
-                    if rule.status >= 500:
+                    if rule.status >= 500 and rule.log:
                         log.error("request_failed", error=rule.kind, exc_info=exc)
                     detail = str(exc) if rule.expose_detail else "internal error; see the logs"
                     return error_response(
-                        request, status=rule.status, kind=rule.kind, detail=detail
+                        request,
+                        status=rule.status,
+                        kind=rule.kind,
+                        detail=detail,
+                        headers=None if rule.headers is None else rule.headers(exc),
                     )
             log.error("unhandled_exception", exc_info=exc)
             return error_response(
@@ -201,38 +209,3 @@ def error_middleware(*, request_timeout_s: float) -> Middleware:
             )
 
     return middleware
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_json(request: web.Request, model: type[M]) -> M:
-    """Read, parse and validate the body: 413 too large, 400 malformed, 422 invalid."""
-    limit = request.app[SETTINGS_KEY].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    if not raw.strip():
-        raise MalformedBody("request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise MalformedBody(
-            f"request body is not UTF-8: {exc.reason} at byte {exc.start}"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise MalformedBody(
-            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except ValueError as exc:
-        raise MalformedBody(f"malformed JSON: {exc}") from None
-    try:
-        return model.model_validate(data)
-    except OverflowError as exc:
-        # A validator that converts a value (a datetime to UTC, say) can overflow, and pydantic
-        # passes only ValueError on as a field error: still the client's input, so 422.
-        raise RequestInvalid(
-            [FieldError("body", f"a value is out of range once converted: {exc}")],
-            "request is invalid",
-        ) from None

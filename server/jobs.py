@@ -5,11 +5,11 @@ namespace and a book of instruments (optionally `model_version`, `greeks`, `metr
 are aligned to multiples of `every_s` since the Unix epoch on the injected clock, so a feed that
 writes snapshots on the same grid is matched exactly. Each slot values the book at
 val_datetime = the slot time with data_asof = the clock at start, and writes
-`jobs/<name>/<slot token>.json` (put_if_absent: one document per slot, whichever replica is
-first) holding the request, the resolved dataset key+hash, the model counter+hash, and the
-scheduled, started and finished times. A slot whose predecessor is still running is skipped
-(metrics.job_misses); a failing slot is recorded with its reason (job_runs{result="error"}) and
-the scheduler carries on.
+`jobs/<name>/<slot token>.json` (storage/jobresults.py; put_if_absent: one document per slot,
+whichever replica is first) holding the request, the resolved dataset key+hash, the model
+counter+hash, and the scheduled, started and finished times. A slot whose predecessor is still
+running is skipped (metrics.job_misses); a failing slot is recorded with its reason
+(job_runs{result="error"}) and the scheduler carries on.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from server.valuation import (
     Limits,
     ValuationRequest,
     Version,
-    canonical_bytes,
     check_book,
     check_valuation_request,
     request_json,
     value_book,
 )
-from storage.marketdata import MarketDataStore, Name, datetime_token, format_utc
+from storage.jobresults import job_result_document, job_result_key, put_job_result
+from storage.marketdata import MarketDataStore, Name, format_utc
 from storage.objectstore import Conflict, ObjectStore
 
 log = structlog.get_logger("spectralmc.jobs")
@@ -227,7 +227,7 @@ class JobScheduler:
         return [s.as_json() for s in self.states.values()]
 
     def result_key(self, name: str, scheduled: datetime) -> str:
-        return f"{self.prefix}/{name}/{datetime_token(scheduled)}.json"
+        return job_result_key(name, scheduled, prefix=self.prefix)
 
     async def start(self) -> None:
         for state in self.states.values():
@@ -292,26 +292,22 @@ class JobScheduler:
             result = await self.value(req)
         except Exception as exc:  # a failed run is recorded; CancelledError still propagates
             error = describe_error(exc)
-        status = "ok" if error is None else "error"
         finished = self.clock()
         key = self.result_key(spec.name, scheduled)
-        doc = {
-            "format_version": 1,
-            "job": spec.name,
-            "status": status,
-            "error": error,
-            "scheduled": format_utc(scheduled),
-            "started": format_utc(started),
-            "finished": format_utc(finished),
-            "lag_s": lag,
-            "request": request_json(req),
-            "dataset": None if result is None else result["dataset"],
-            "model": None if result is None else result["model"],
-            "result": result,
-        }
+        doc = job_result_document(
+            job=spec.name,
+            error=error,
+            scheduled=scheduled,
+            started=started,
+            finished=finished,
+            lag_s=lag,
+            request=request_json(req),
+            result=result,
+        )
+        status = doc["status"]
         stored: str | None = key
         try:
-            await self.store.put_if_absent(key, canonical_bytes(doc))
+            await put_job_result(self.store, key, doc)
         except Conflict:
             status, error = "duplicate", f"{key} was already written (another replica?)"
         except Exception as exc:  # the store is down: the run failed, the scheduler goes on

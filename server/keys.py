@@ -12,14 +12,16 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from server.metrics import Metrics
-from server.model import ModelService
-from server.worker import TrainingWorker
-from storage.chain import VersionChain
-from storage.marketdata import MarketDataStore
-from storage.objectstore import ObjectStore
 
-if TYPE_CHECKING:  # server.jobs imports this module (through server.errors): no runtime cycle
+if TYPE_CHECKING:
+    # Types only: the error middleware imports this module for the request id, and must not
+    # pull in the trainer, the pricer or the store backends (nor server.jobs, a cycle).
     from server.jobs import JobScheduler
+    from server.model import ModelService
+    from server.worker import TrainingWorker
+    from storage.chain import VersionChain
+    from storage.marketdata import MarketDataStore
+    from storage.objectstore import ObjectStore
 
 Clock = Callable[[], datetime]
 
@@ -55,14 +57,14 @@ class ModelReadiness:
 
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
-STORE_KEY = web.AppKey("store", ObjectStore)
-MARKETDATA_KEY = web.AppKey("marketdata", MarketDataStore)
+STORE_KEY: web.AppKey[ObjectStore] = web.AppKey("store")
+MARKETDATA_KEY: web.AppKey[MarketDataStore] = web.AppKey("marketdata")
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MODEL_READY_KEY = web.AppKey("model_ready", ModelReadiness)
 CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
-CHAIN_KEY = web.AppKey("chain", VersionChain)
-MODEL_KEY = web.AppKey("model", ModelService)
+CHAIN_KEY: web.AppKey[VersionChain] = web.AppKey("chain")
+MODEL_KEY: web.AppKey[ModelService] = web.AppKey("model")
 # None when settings.training.enabled is false.
 WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 
 
 class Metrics:
@@ -42,6 +43,43 @@ class Metrics:
         )
         self.contracts_priced = Counter(
             "contracts_priced", "Contracts priced", namespace=ns, registry=registry
+        )
+        # The continuous batcher and its admission control (server/model.py).
+        self.pricing_queue_delay = Histogram(
+            "pricing_queue_delay_seconds",
+            "Time a pricing request waited in the queue before its batch started",
+            namespace=ns,
+            registry=registry,
+            buckets=(0.0001, 0.0005, *_LATENCY_BUCKETS),
+        )
+        self.pricing_batch_rows = Histogram(
+            "pricing_batch_rows",
+            "Contract rows per forward pass",
+            namespace=ns,
+            registry=registry,
+            buckets=_ROW_BUCKETS,
+        )
+        self.pricing_batch_requests = Histogram(
+            "pricing_batch_requests",
+            "Requests per forward pass",
+            namespace=ns,
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.pricing_inflight_rows = Histogram(
+            "pricing_inflight_rows",
+            "Rows queued or being priced, observed as each request is admitted",
+            namespace=ns,
+            registry=registry,
+            buckets=_ROW_BUCKETS,
+        )
+        self.pricing_rejections = Counter(
+            "pricing_rejections",
+            "Pricing requests refused with 503, by reason (queue_full, deadline, "
+            "deadline_expired)",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
         )
         self.model_version_info = Gauge(
             "model_version_info",

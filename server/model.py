@@ -3,15 +3,20 @@
 The `InferenceClient` keeps a loaded `Pricer` for the wanted version: the chain's serving pin
 (`refs/pin`, set through the admin API so every replica on the store agrees) when it is set,
 otherwise the chain's HEAD, or a ref named in settings (`model.mode = pinned`). Pricing runs in
-one worker thread, off the event loop; concurrent requests that want the same model and outputs
-wait at most `batch_wait_s` and are priced in one pass. Prices are computed in float64 with a
-batch-invariant forward pass, so the same request gives the same bytes however it was batched.
+one worker thread, off the event loop, with continuous batching: a request that finds the thread
+idle is priced at once; requests that arrive while a batch runs queue, and all of them (same
+model and outputs) go in the next pass. Admission bounds the rows in flight (a byte cap) and
+sheds work past its deadline, refusing with `Overloaded` (503 + Retry-After) rather than letting
+requests time out. Prices are computed in float64 with a batch-invariant forward pass, so the
+same request gives the same bytes however it was batched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ from datetime import datetime
 import numpy as np
 import structlog
 
-from spectral_core.pricer import CONTRACT_FIELDS, Contracts, Pricer
+from spectral_core.pricer import Contracts, Pricer
 from spectral_core.snapshot import Snapshot
 from storage.chain import PIN_REF, VersionChain, VersionRecord
 from storage.inference import InferenceClient, Loaded, Pinned, Tracking
@@ -60,10 +65,24 @@ def load_pricer(snapshot: Snapshot, record: VersionRecord) -> Pricer:
     return pricer
 
 
+class Overloaded(Exception):
+    """Admission refused (HTTP 503 with Retry-After): the pricing work in flight is at its bound,
+    or the request's deadline cannot be (or was not) met. `reason` names which."""
+
+    def __init__(self, reason: str, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class _Pending:
     contracts: Contracts
     future: asyncio.Future[dict[str, np.ndarray]]
+    cost: int  # bytes held against max_inflight_bytes until answered
+    seconds: float  # its estimated pricing time, held against the drain-time estimate
+    enqueued: float  # loop time
+    deadline: float | None  # loop time past which the answer is no use to the client
 
 
 @dataclass
@@ -71,8 +90,43 @@ class _Queue:
     pricer: Pricer
     greeks: bool
     metrics: bool
-    items: list[_Pending] = field(default_factory=list)
-    rows: int = 0
+    items: deque[_Pending] = field(default_factory=deque)
+
+
+class _CostModel:
+    """Pricing time of a batch, seconds = a + b * rows, fitted by least squares over the recent
+    batches (exponential forgetting): `b` prices a request's rows, `a` is the per-batch cost."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._s = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
+
+    def add(self, rows: int, seconds: float) -> None:
+        d, (w, sx, sy, sxx, sxy) = self.decay, self._s
+        x = float(rows)
+        self._s = [d * w + 1, d * sx + x, d * sy + seconds, d * sxx + x * x, d * sxy + x * seconds]
+
+    def coefficients(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self._s
+        if w == 0.0:
+            return 0.0, 0.0
+        var = w * sxx - sx * sx
+        if var <= 1e-9 * max(1.0, w * sxx):
+            # one batch size so far: fixed and per-row cost cannot be told apart, and taking
+            # it all as per-row would refuse large requests on a few slow single-row passes
+            return 0.0, 0.0
+        b = max(0.0, (w * sxy - sx * sy) / var)
+        a = max(0.0, (sy - b * sx) / w)
+        return a, b
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One priced batch, for /metrics: requests, rows and each request's wait in the queue."""
+
+    requests: int
+    rows: int
+    queue_delays_s: tuple[float, ...]
 
 
 def _mode_name(mode: str) -> str:
@@ -88,13 +142,24 @@ class ModelService:
         *,
         poll_interval: float,
         fixed_target: int | str | None = None,
-        batch_wait_s: float = 0.002,
         max_batch_rows: int = 4096,
+        max_inflight_bytes: int = 64 * 1024 * 1024,
+        deadline_s: float | None = None,
         on_swap: Callable[[ModelInfo], None] | None = None,
-        on_batch: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_admit: Callable[[int], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
         on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
-        """`on_load_failure(kind)`: each failed model poll ("corrupt", "Unavailable", ...)."""
+        """Admission: the bytes of the rows queued or being priced (`Pricer.row_bytes`) stay
+        within `max_inflight_bytes`; a request is refused (Overloaded) when it would pass the
+        bound, except when nothing is in flight (a lone request cannot starve anyone).
+        `deadline_s` is the default time a request may wait for its answer (a request may
+        bring a shorter or longer one); work whose deadline has passed is shed unpriced.
+
+        Callbacks: `on_batch(stats)` per priced batch, `on_admit(rows_in_flight)` per admitted
+        request, `on_reject(reason)` per refusal, `on_load_failure(kind)` per failed model poll
+        ("corrupt", "Unavailable", ...)."""
         self.chain = chain
         # A replica told by its settings to serve a fixed version or ref ignores the shared pin.
         self.fixed_target = fixed_target
@@ -109,13 +174,26 @@ class ModelService:
             on_failure=on_load_failure,
         )
         self.poll_interval = poll_interval
-        self.batch_wait_s = batch_wait_s
         self.max_batch_rows = max_batch_rows
+        self.max_inflight_bytes = max_inflight_bytes
+        self.deadline_s = deadline_s
         self.on_swap = on_swap
         self.on_batch = on_batch
+        self.on_admit = on_admit
+        self.on_reject = on_reject
+        # One pricing thread: batches run one at a time, so a batch in flight is the signal to
+        # queue (and batch) and an idle thread the signal to dispatch at once.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pricing")
-        self._queues: dict[tuple[int, bool, bool], _Queue] = {}
-        self._flushers: set[asyncio.Task[None]] = set()
+        # Waiting work per (pricer, greeks, metrics), oldest key first.
+        self._queues: OrderedDict[tuple[int, bool, bool], _Queue] = OrderedDict()
+        self._busy = False
+        self._inflight_bytes = 0
+        self._inflight_rows = 0
+        # Pricing time per (greeks, metrics), fitted on the batches priced, and the estimated
+        # seconds of the work in flight: the drain time behind Retry-After and the deadline
+        # admission. No estimate (0 s) for a kind not priced yet.
+        self._costs: dict[tuple[bool, bool], _CostModel] = {}
+        self._inflight_s = 0.0
         self._pin_task: asyncio.Task[None] | None = None
         self._last_hash: str | None = None
         self.pin_error: str | None = None
@@ -131,8 +209,11 @@ class ModelService:
         task, self._pin_task = self._pin_task, None
         await cancel_and_wait(task)
         await self.client.aclose()
-        for t in list(self._flushers):
-            t.cancel()
+        for q in self._queues.values():
+            for p in q.items:
+                if not p.future.done():
+                    p.future.set_exception(NoModel("the service is shutting down"))
+        self._queues.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _sync_pin(self) -> None:
@@ -215,8 +296,13 @@ class ModelService:
         version: int | None = None,
         greeks: bool = False,
         metrics: bool = False,
+        deadline_s: float | None = None,
     ) -> PricedBatch:
-        """Price on the live model, or on exactly `version` when given (NotFound if absent)."""
+        """Price on the live model, or on exactly `version` when given (NotFound if absent).
+
+        `deadline_s`: how long the caller will wait (default: the service's); Overloaded when
+        the work in flight is at its bound or the answer cannot come in time."""
+        self.check_admission()
         if version is not None:
             try:
                 loaded = await self.client.load_version(version)
@@ -236,68 +322,193 @@ class ModelService:
             loaded, info = cur, self.info(cur)
         # Validate before queueing so one bad request cannot fail a shared batch.
         loaded.value.check_domain(contracts)
-        values = await self._submit(loaded.value, contracts, greeks=greeks, metrics=metrics)
+        values = await self._submit(
+            loaded.value,
+            contracts,
+            greeks=greeks,
+            metrics=metrics,
+            deadline_s=self.deadline_s if deadline_s is None else deadline_s,
+        )
         return PricedBatch(values=values, model=info)
 
+    # ------------------------------------------------------------------ admission
+    @property
+    def inflight_rows(self) -> int:
+        return self._inflight_rows
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the work in flight is priced at the measured rates (>= 1)."""
+        return max(1, math.ceil(self._inflight_s))
+
+    def _refuse(self, reason: str, detail: str) -> Overloaded:
+        if self.on_reject is not None:
+            self.on_reject(reason)
+        return Overloaded(reason, detail, retry_after_s=self._retry_after())
+
+    def check_admission(self) -> None:
+        """Refuse at once (before the body is even parsed) when the bound is already reached."""
+        if self._inflight_bytes >= self.max_inflight_bytes:
+            raise self._refuse(
+                "queue_full",
+                f"pricing queue is full: {self._inflight_rows} rows "
+                f"({self._inflight_bytes} bytes) in flight, bound {self.max_inflight_bytes} bytes",
+            )
+
+    def _admit(self, pricer: Pricer, rows: int, *, greeks: bool, metrics: bool,
+               deadline_s: float | None) -> tuple[int, float]:
+        """The request's cost (bytes, estimated seconds) once admitted; Overloaded if it may
+        not enter."""
+        cost = rows * pricer.row_bytes(greeks=greeks, metrics=metrics)
+        if self._inflight_bytes and self._inflight_bytes + cost > self.max_inflight_bytes:
+            raise self._refuse(
+                "queue_full",
+                f"pricing queue is full: {rows} rows ({cost} bytes) would pass the bound of "
+                f"{self.max_inflight_bytes} bytes with {self._inflight_bytes} bytes in flight",
+            )
+        cost_model = self._costs.get((greeks, metrics))
+        a, b = cost_model.coefficients() if cost_model is not None else (0.0, 0.0)
+        seconds = b * rows
+        # Work ahead plus its own (and one batch's fixed cost): a request that could not be
+        # answered in time is refused now, not priced after its client has gone; alone it is
+        # always tried.
+        wait = self._inflight_s + seconds + a
+        if deadline_s is not None and self._inflight_s > 0.0 and wait > deadline_s:
+            raise self._refuse(
+                "deadline",
+                f"the answer would take about {wait * 1e3:.0f} ms at the measured pricing rate "
+                f"({self._inflight_rows} rows ahead), past the deadline of "
+                f"{deadline_s * 1e3:.0f} ms",
+            )
+        self._inflight_bytes += cost
+        self._inflight_rows += rows
+        self._inflight_s += seconds
+        if self.on_admit is not None:
+            self.on_admit(self._inflight_rows)
+        return cost, seconds
+
+    def _release(self, p: _Pending) -> None:
+        self._inflight_bytes -= p.cost
+        self._inflight_rows -= len(p.contracts)
+        self._inflight_s = max(0.0, self._inflight_s - p.seconds)
+
+    # ------------------------------------------------------------------ batching
     async def _submit(
-        self, pricer: Pricer, contracts: Contracts, *, greeks: bool, metrics: bool
+        self,
+        pricer: Pricer,
+        contracts: Contracts,
+        *,
+        greeks: bool,
+        metrics: bool,
+        deadline_s: float | None,
     ) -> dict[str, np.ndarray]:
+        """Continuous batching: an idle pricing thread gets the request at once; while a batch
+        is in flight requests queue, and the next batch takes every queued request of the
+        oldest key (up to `max_batch_rows`) the moment the thread is free."""
+        cost, seconds = self._admit(
+            pricer, len(contracts), greeks=greeks, metrics=metrics, deadline_s=deadline_s
+        )
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        deadline = None if deadline_s is None else now + deadline_s
+        pending = _Pending(contracts, fut, cost, seconds, now, deadline)
         key = (id(pricer), greeks, metrics)
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(pricer, greeks, metrics)
-            task = asyncio.create_task(self._flush_later(key))
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
-        fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
-        q.items.append(_Pending(contracts, fut))
-        q.rows += len(contracts)
-        if q.rows >= self.max_batch_rows:
-            self._queues.pop(key, None)
-            self._run(q)
-        return await fut
+        q.items.append(pending)
+        if not self._busy:
+            self._dispatch()
+        try:
+            return await fut
+        finally:
+            # an abandoned request (client gone, request time-out) leaves its place in the queue
+            if not fut.done():
+                fut.cancel()
 
-    async def _flush_later(self, key: tuple[int, bool, bool]) -> None:
-        await asyncio.sleep(self.batch_wait_s)
-        q = self._queues.pop(key, None)
-        if q is not None:
-            self._run(q)
+    def _next_batch(self) -> tuple[_Queue, list[_Pending]] | None:
+        """Take the next batch off the oldest queue; shed cancelled and expired requests."""
+        now = asyncio.get_running_loop().time()
+        cap = self.max_batch_rows
+        while self._queues:
+            key, q = next(iter(self._queues.items()))
+            items: list[_Pending] = []
+            rows = 0
+            # whole requests, up to max_batch_rows (a larger request goes alone)
+            while q.items and (not items or rows + len(q.items[0].contracts) <= cap):
+                p = q.items.popleft()
+                if p.future.done():  # cancelled by its caller: nothing to answer
+                    self._release(p)
+                    continue
+                if p.deadline is not None and now > p.deadline:
+                    self._release(p)
+                    p.future.set_exception(
+                        self._refuse(
+                            "deadline_expired",
+                            f"waited {(now - p.enqueued) * 1e3:.0f} ms in the pricing queue, "
+                            "past the request's deadline; it was not priced",
+                        )
+                    )
+                    continue
+                items.append(p)
+                rows += len(p.contracts)
+            if not q.items:
+                del self._queues[key]
+            else:
+                self._queues.move_to_end(key)  # the other keys' turn next
+            if items:
+                return q, items
+        return None
 
-    def _run(self, q: _Queue) -> None:
+    def _dispatch(self) -> None:
+        taken = self._next_batch()
+        if taken is None:
+            self._busy = False
+            return
+        self._busy = True
+        q, items = taken
         loop = asyncio.get_running_loop()
-        items = q.items
-        cols = {
-            name: np.concatenate([getattr(p.contracts, name) for p in items])
-            for name in CONTRACT_FIELDS
-        }
-        merged = Contracts(**cols)
+        now = loop.time()
+        delays = tuple(now - p.enqueued for p in items)
+        if len(items) == 1:
+            merged = items[0].contracts
+        else:
+            merged = Contracts(
+                **{
+                    name: np.concatenate([getattr(p.contracts, name) for p in items])
+                    for name in q.pricer.contract_fields
+                }
+            )
 
-        def work() -> dict[str, np.ndarray]:
+        def work() -> tuple[dict[str, np.ndarray], float]:
             t0 = time.perf_counter()
             out = q.pricer.price(merged, greeks=q.greeks, metrics=q.metrics)
-            if self.on_batch is not None:
-                self.on_batch(len(items), len(merged))
-            log.debug(
-                "priced batch", requests=len(items), rows=len(merged), s=time.perf_counter() - t0
-            )
-            return out
+            return out, time.perf_counter() - t0
 
         cf = loop.run_in_executor(self._executor, work)
 
-        def done(f: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        def done(f: asyncio.Future[tuple[dict[str, np.ndarray], float]]) -> None:
             exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            res: dict[str, np.ndarray] | None = None
+            if exc is None:
+                res, seconds = f.result()
+                self._costs.setdefault((q.greeks, q.metrics), _CostModel()).add(
+                    len(merged), seconds
+                )
+                if self.on_batch is not None:
+                    self.on_batch(BatchStats(len(items), len(merged), delays))
+                log.debug("priced batch", requests=len(items), rows=len(merged), s=seconds)
             lo = 0
             for p in items:
                 n = len(p.contracts)
-                if p.future.done():
-                    lo += n
-                    continue
-                if exc is not None:
-                    p.future.set_exception(exc)
-                else:
-                    res = f.result()
-                    p.future.set_result({k: v[lo : lo + n] for k, v in res.items()})
+                self._release(p)
+                if not p.future.done():
+                    if res is None:
+                        p.future.set_exception(exc if exc is not None else RuntimeError())
+                    else:
+                        p.future.set_result({k: v[lo : lo + n] for k, v in res.items()})
                 lo += n
+            # the thread is free: the next batch goes at once
+            self._dispatch()
 
         cf.add_done_callback(done)

@@ -3,9 +3,9 @@
 A valuation resolves its market-data key to exactly one snapshot, derives each instrument's
 inputs (S0, T ACT/365, r, d, sigma, each with its source), prices the options on the model
 (`ModelService`, float64 on CPU, batch-invariant) and the forwards in closed form, and answers
-per instrument and in total. Answers are serialised canonically (sorted keys, no whitespace,
-`repr` of float64, non-finite numbers as null), so the same request against the same dataset and
-model version gives the same bytes.
+per instrument and in total. Answers are serialised canonically (`storage.documents`: sorted
+keys, no whitespace, shortest round-trip float64, non-finite numbers as null), so the same
+request against the same dataset and model version gives the same bytes.
 
 Digital greeks come from the identity digital_call = -dC/dK, digital_put = +dP/dK (exact for
 the COS coefficients too): the autograd greeks of the vanilla are differenced in the strike.
@@ -13,7 +13,6 @@ the COS coefficients too): the autograd greeks of the vanilla are differenced in
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,13 +154,6 @@ def total(xs: Sequence[float]) -> float:
         return math.nan
 
 
-def canonical_bytes(obj: Any) -> bytes:
-    """Sorted keys, no whitespace, shortest round-trip float64 repr: equal answers, equal bytes."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
-
-
 # --- request checks that need settings ----------------------------------------------------------
 
 
@@ -236,31 +228,51 @@ def _metric_keys(values: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(set(values) - set(PRICE_KEYS) - GREEK_KEYS)
 
 
-async def price_contracts(req: PriceRequest, *, model: ModelService) -> dict[str, Any]:
+def _records(
+    keys: Sequence[str], columns: Mapping[str, np.ndarray], n: int
+) -> list[dict[str, Any]]:
+    """`n` row dicts {key: float} from float64 columns, built in C (tolist, zip, dict): no
+    per-number Python code. Non-finite values stay floats; the canonical bytes write null."""
+    if not keys:
+        return [{} for _ in range(n)]
+    lists = [columns[k].tolist() for k in keys]
+    return [dict(zip(keys, row, strict=True)) for row in zip(*lists, strict=True)]
+
+
+async def price_contracts(
+    req: PriceRequest, *, model: ModelService, deadline_s: float | None = None
+) -> dict[str, Any]:
     """Price (X0, K, T, r, d, v) contracts as given: every output per contract, plus the model."""
-    contracts = Contracts.from_columns(
-        {name: [getattr(c, name) for c in req.contracts] for name in CONTRACT_FIELDS}
-    )
+    n = len(req.contracts)
+    columns = {
+        name: np.fromiter((getattr(c, name) for c in req.contracts), np.float64, n)
+        for name in CONTRACT_FIELDS
+    }
     try:
         batch = await model.price(
-            contracts, version=req.model_version, greeks=req.greeks, metrics=req.metrics
+            Contracts(**columns),
+            version=req.model_version,
+            greeks=req.greeks,
+            metrics=req.metrics,
+            deadline_s=deadline_s,
         )
     except DomainError as exc:
         raise _domain_invalid(exc, path=f"contracts.{exc.index}.{exc.field}") from None
     v = batch.values
-    metric_keys = _metric_keys(v) if req.metrics else []
-    rows = []
-    for i, c in enumerate(req.contracts):
-        row: dict[str, Any] = {"inputs": c.model_dump()}
-        for key in PRICE_KEYS:
-            row[key] = number(v[key][i])
-        if req.greeks:
-            row["greeks"] = {
-                kind: {g: number(v[f"{kind}_{g}"][i]) for g in GREEKS} for kind in ("put", "call")
-            }
-        if req.metrics:
-            row["metrics"] = {k: number(v[k][i]) for k in metric_keys}
-        rows.append(row)
+    rows = _records(PRICE_KEYS, v, n)
+    for row, inputs in zip(rows, _records(CONTRACT_FIELDS, columns, n), strict=True):
+        row["inputs"] = inputs
+    if req.greeks:
+        per_kind = {
+            kind: _records(GREEKS, {g: v[f"{kind}_{g}"] for g in GREEKS}, n)
+            for kind in ("put", "call")
+        }
+        for row, put, call in zip(rows, per_kind["put"], per_kind["call"], strict=True):
+            row["greeks"] = {"put": put, "call": call}
+    if req.metrics:
+        metric_keys = _metric_keys(v)
+        for row, m in zip(rows, _records(metric_keys, v, n), strict=True):
+            row["metrics"] = m
     return {"model": batch.model.as_json(), "contracts": rows}
 
 
@@ -375,7 +387,11 @@ def _greeks_json(greeks: Mapping[str, float], scale: float = 1.0) -> dict[str, f
 
 
 async def value_book(
-    req: ValuationRequest, *, marketdata: MarketDataStore, model: ModelService
+    req: ValuationRequest,
+    *,
+    marketdata: MarketDataStore,
+    model: ModelService,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """Value a book against the snapshot its key resolves to; raises on any bad input.
 
@@ -426,7 +442,11 @@ async def value_book(
     if rows.owner:
         try:
             batch: PricedBatch = await model.price(
-                rows.contracts, version=req.model_version, greeks=req.greeks, metrics=req.metrics
+                rows.contracts,
+                version=req.model_version,
+                greeks=req.greeks,
+                metrics=req.metrics,
+                deadline_s=deadline_s,
             )
         except DomainError as exc:
             i = rows.owner[exc.index]
@@ -506,7 +526,6 @@ __all__ = [
     "Limits",
     "PriceRequest",
     "ValuationRequest",
-    "canonical_bytes",
     "check_book",
     "check_price_request",
     "check_valuation_request",

@@ -28,6 +28,9 @@ RISK_LEVELS: tuple[float, ...] = (0.95, 0.99)
 GREEKS: tuple[str, ...] = ("delta", "gamma", "vega", "theta", "rho")
 # Greeks of every process: d/dX0, d2/dX0^2, -d/dT, d/dr; model_greeks come on top.
 _COMMON_GREEKS = {"delta": "X0", "theta": "T", "rho": "r"}
+# Price columns of every `price` call: put, call, their intrinsic and convexity, the forward,
+# both digitals, the discount and forward intermediates.
+_PRICE_COLUMNS = 11
 
 
 class DomainError(ValueError):
@@ -167,6 +170,18 @@ class Pricer:
             for n, p in self._domain_field.items()
         }
         self.price(Contracts.from_columns({"X0": 100.0, "K": 100.0, **mid}))
+
+    def row_bytes(self, *, greeks: bool = False, metrics: bool = False) -> int:
+        """Bytes one contract row occupies in a `price` call: its float64 inputs, features and
+        spectrum, the output columns, and (on request) the complex spectrum of the metrics and
+        the greek columns. A serving queue sizes its in-flight bound with it."""
+        n_freq = self.config.spectrum.n_freq
+        floats = len(self.contract_fields) + self.process.n_features + n_freq + _PRICE_COLUMNS
+        if metrics:
+            floats += 2 * n_freq + 8
+        if greeks:
+            floats += 2 * len(self.greek_names) + 2 * n_freq
+        return 8 * floats
 
     # ------------------------------------------------------------------ checks
     def check_domain(self, c: Contracts) -> None:

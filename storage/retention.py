@@ -20,8 +20,8 @@ Versions. A `RetentionPolicy` keeps
 through `VersionChain.collect`, the same tombstone + blob-delete executor as `gc(keep=...)`,
 which audits every run that collects something.
 
-Job results. `jobs/<name>/<slot token>.json` (server/jobs.py) are pruned per job name by age of
-the slot and/or by count (newest kept), see `prune_job_results`.
+Job results. `jobs/<name>/<slot token>.json` (storage/jobresults.py) are pruned per job name by
+age of the slot and/or by count (newest kept), see `prune_job_results`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from storage.chain import (
     VersionRecord,
     plan_collection,
 )
-from storage.marketdata import parse_datetime_token
+from storage.jobresults import JOB_RESULTS_PREFIX, parse_job_result_key
 from storage.objectstore import ObjectStore
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -327,24 +327,18 @@ def plan_job_pruning(
     limits: JobLimits,
     *,
     per_job: Mapping[str, JobLimits] | None = None,
-    prefix: str = "jobs",
+    prefix: str = JOB_RESULTS_PREFIX,
 ) -> JobPrunePlan:
     """Pure: which `<prefix>/<name>/<slot token>.json` keys to delete. Keys of another shape
     are left alone; the slot time in the key is what ages (no document is read)."""
     per_job = per_job or {}
     by_job: dict[str, list[tuple[datetime, str]]] = {}
-    head = f"{prefix}/"
     for key in keys:
-        if not key.startswith(head) or not key.endswith(".json"):
+        parsed = parse_job_result_key(key, prefix=prefix)
+        if parsed is None:
             continue
-        parts = key[len(head) :].split("/")
-        if len(parts) != 2 or not parts[0]:
-            continue
-        try:
-            slot = parse_datetime_token(parts[1][: -len(".json")])
-        except ValueError:
-            continue
-        by_job.setdefault(parts[0], []).append((slot, key))
+        name, slot = parsed
+        by_job.setdefault(name, []).append((slot, key))
     delete: list[str] = []
     kept: dict[str, int] = {}
     deleted: dict[str, int] = {}
@@ -368,7 +362,7 @@ async def prune_job_results(
     now: datetime,
     limits: JobLimits,
     per_job: Mapping[str, JobLimits] | None = None,
-    prefix: str = "jobs",
+    prefix: str = JOB_RESULTS_PREFIX,
     execute: bool = True,
     concurrency: int = 8,
 ) -> JobPrunePlan:

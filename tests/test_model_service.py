@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
-from server.model import ModelService, NoModel
+from server.model import BatchStats, ModelService, NoModel, Overloaded
 from spectral_core.pricer import Contracts, DomainError
 from storage.chain import VersionChain
 from storage.objectstore import MemoryStore, NotFound
@@ -27,27 +28,118 @@ def contracts(n: int, seed: int) -> Contracts:
     )
 
 
-async def test_concurrent_requests_are_micro_batched() -> None:
+def hold_pricing_thread(service: ModelService) -> threading.Event:
+    """Occupy the service's one pricing thread until the returned event is set, so that a test
+    controls when the queue drains (the real executor, not a stand-in)."""
+    release = threading.Event()
+    service._executor.submit(release.wait, 30.0)
+    service._busy = True  # what a batch in flight looks like to the batcher
+    return release
+
+
+async def drain(service: ModelService, release: threading.Event) -> None:
+    """Free the pricing thread and hand it the queue, as a finishing batch does."""
+    release.set()
+    await asyncio.sleep(0.05)
+    service._dispatch()
+
+
+async def test_continuous_batching_dispatches_at_once_and_batches_under_load() -> None:
     store = MemoryStore()
     await commit_model(store)
-    batches: list[tuple[int, int]] = []
-    service = ModelService(
-        VersionChain(store),
-        poll_interval=10.0,
-        batch_wait_s=0.05,
-        on_batch=lambda requests, rows: batches.append((requests, rows)),
-    )
+    batches: list[BatchStats] = []
+    service = ModelService(VersionChain(store), poll_interval=10.0, on_batch=batches.append)
     await service.start()
     try:
         books = [contracts(n, seed) for n, seed in ((3, 1), (5, 2), (2, 3))]
         together = await asyncio.gather(*(service.price(b) for b in books))
-        assert batches == [(3, 10)]  # one pass for all three requests
+        # the first finds the thread idle and goes alone; the two queued behind it share a pass
+        assert [(b.requests, b.rows) for b in batches] == [(1, 3), (2, 7)]
+        assert all(d >= 0.0 for b in batches for d in b.queue_delays_s)
         for book, got in zip(books, together, strict=True):
             alone = await service.price(book)
             assert got.model == alone.model and got.model.mode == "tracking"
             for key, value in alone.values.items():
                 assert value.tobytes() == got.values[key].tobytes(), key
-        assert len(batches) == 4
+        assert len(batches) == 5
+        assert service.inflight_rows == 0 and service._inflight_bytes == 0
+    finally:
+        await service.aclose()
+
+
+async def test_admission_refuses_past_the_byte_bound_with_retry_after() -> None:
+    store = MemoryStore()
+    await commit_model(store)
+    rejected: list[str] = []
+    service = ModelService(VersionChain(store), poll_interval=10.0, on_reject=rejected.append)
+    await service.start()
+    try:
+        pricer = service.client.current.value  # type: ignore[union-attr]
+        row = pricer.row_bytes()
+        service.max_inflight_bytes = 10 * row  # ten rows
+        release = hold_pricing_thread(service)
+        first = asyncio.ensure_future(service.price(contracts(6, 1)))
+        second = asyncio.ensure_future(service.price(contracts(4, 2)))  # exactly at the bound
+        await asyncio.sleep(0)
+        assert service.inflight_rows == 10
+        with pytest.raises(Overloaded, match="queue is full") as refused:
+            await service.price(contracts(1, 3))
+        assert refused.value.reason == "queue_full" and refused.value.retry_after_s >= 1
+        with pytest.raises(Overloaded):  # already full: refused before any parsing
+            service.check_admission()
+        await drain(service, release)
+        a, b = await asyncio.gather(first, second)
+        assert a.values["put"].shape == (6,) and b.values["put"].shape == (4,)
+        assert rejected == ["queue_full", "queue_full"]
+        assert service.inflight_rows == 0 and service._inflight_bytes == 0
+        # a lone request larger than the bound is still priced (it cannot starve anyone)
+        assert (await service.price(contracts(25, 4))).values["put"].shape == (25,)
+    finally:
+        await service.aclose()
+
+
+async def test_work_past_its_deadline_is_shed_unpriced() -> None:
+    store = MemoryStore()
+    await commit_model(store)
+    batches: list[BatchStats] = []
+    service = ModelService(VersionChain(store), poll_interval=10.0, on_batch=batches.append)
+    await service.start()
+    try:
+        release = hold_pricing_thread(service)
+        late = asyncio.ensure_future(service.price(contracts(3, 1), deadline_s=0.01))
+        patient = asyncio.ensure_future(service.price(contracts(2, 2), deadline_s=30.0))
+        gone = asyncio.ensure_future(service.price(contracts(4, 3)))
+        await asyncio.sleep(0.02)  # past the first one's deadline
+        gone.cancel()  # its client went away
+        await drain(service, release)
+        with pytest.raises(Overloaded, match="past the request's deadline") as shed:
+            await late
+        assert shed.value.reason == "deadline_expired"
+        assert (await patient).values["put"].shape == (2,)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert [(b.requests, b.rows) for b in batches] == [(1, 2)]  # only the patient one
+        assert service.inflight_rows == 0 and service._inflight_bytes == 0
+    finally:
+        await service.aclose()
+
+
+async def test_deadline_admission_uses_the_measured_pricing_time() -> None:
+    store = MemoryStore()
+    await commit_model(store)
+    service = ModelService(VersionChain(store), poll_interval=10.0)
+    await service.start()
+    try:
+        for n in (1, 64, 256):  # the cost model learns seconds = a + b * rows
+            await service.price(contracts(n, n))
+        release = hold_pricing_thread(service)
+        ahead = asyncio.ensure_future(service.price(contracts(2000, 5)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="past the deadline") as refused:
+            await service.price(contracts(10, 6), deadline_s=1e-6)
+        assert refused.value.reason == "deadline"
+        await drain(service, release)
+        assert (await ahead).values["put"].shape == (2000,)
     finally:
         await service.aclose()
 

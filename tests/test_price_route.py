@@ -154,3 +154,54 @@ async def test_overflow_to_infinity_is_422_and_malformed_is_400(client: Client) 
     assert [f["path"] for f in (await resp.json())["fields"]] == ["contracts.0.r"]
     resp = await client.post("/v1/price", data=b'{"contracts": [', headers=headers)
     assert resp.status == 400
+
+
+async def test_overload_is_refused_at_once_with_retry_after_and_counted(client: Client) -> None:
+    """A full pricing queue answers 503 at once (reason, Retry-After), and /metrics counts it."""
+    import asyncio
+
+    from server.keys import MODEL_KEY
+    from tests.test_model_service import drain, hold_pricing_thread
+
+    app = client.server.app
+    assert app is not None
+    service = app[MODEL_KEY]
+    service.max_inflight_bytes = 64 * 1024  # a few dozen rows
+    release = hold_pricing_thread(service)
+    big = {"contracts": CONTRACTS * 2}
+    first = asyncio.ensure_future(client.post("/v1/price", json=big))
+    for _ in range(100):
+        if service.inflight_rows:
+            break
+        await asyncio.sleep(0.01)
+    service.max_inflight_bytes = service._inflight_bytes  # the queue is now exactly full
+    resp = await client.post("/v1/price", json=big)
+    body = loads(await resp.read())
+    assert resp.status == 503, body
+    assert body["error"] == "overloaded" and "queue is full" in body["detail"]
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.headers["X-Overload-Reason"] == "queue_full"
+    await drain(service, release)
+    assert (await first).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert 'spectralmc_pricing_rejections_total{reason="queue_full"} 1.0' in text
+    assert "spectralmc_pricing_queue_delay_seconds_count" in text
+    assert "spectralmc_pricing_batch_rows_bucket" in text
+    assert "spectralmc_pricing_inflight_rows_count" in text
+
+
+@pytest.mark.parametrize("header", ["0", "-5", "abc", "nan", "1e12"])
+async def test_a_bad_deadline_header_names_the_header(client: Client, header: str) -> None:
+    resp = await client.post(
+        "/v1/price", json={"contracts": CONTRACTS}, headers={"X-Deadline-Ms": header}
+    )
+    body = loads(await resp.read())
+    assert resp.status == 422, body
+    assert body["fields"][0]["path"] == "header.X-Deadline-Ms"
+
+
+async def test_a_deadline_header_within_range_is_honoured(client: Client) -> None:
+    resp = await client.post(
+        "/v1/price", json={"contracts": CONTRACTS}, headers={"X-Deadline-Ms": "2500"}
+    )
+    assert resp.status == 200, await resp.text()

@@ -13,7 +13,8 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.errors import FieldError, RequestInvalid, read_json
+from server.errors import FieldError, RequestInvalid
+from server.http import read_json
 from server.keys import CHAIN_KEY, MODEL_KEY, SETTINGS_KEY, WORKER_KEY
 from server.valuation import MAX_VERSION
 from server.worker import TrainingWorker

@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.errors import FieldError, RequestInvalid, read_json
+from server.errors import FieldError, RequestInvalid
+from server.http import read_json
 from server.keys import MARKETDATA_KEY, SETTINGS_KEY
 from storage.marketdata import (
     MarketDataInvalid,

@@ -4,34 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.errors import read_json, register_error
-from server.keys import MODEL_KEY, SETTINGS_KEY
-from server.model import NoModel
-from server.valuation import (
-    Limits,
-    PriceRequest,
-    canonical_bytes,
-    check_price_request,
-    price_contracts,
-)
-
-# No model version loaded yet is a state of the service, not of the request.
-register_error(NoModel, 503, "unavailable")
-
-
-def limits(request: web.Request) -> Limits:
-    server = request.app[SETTINGS_KEY].server
-    return Limits(max_items=server.max_instruments, max_string_len=server.max_string_len)
-
-
-def canonical_response(body: object) -> web.Response:
-    return web.Response(body=canonical_bytes(body), content_type="application/json")
+from server.http import admit, canonical_response, deadline_s, limits, read_json
+from server.keys import MODEL_KEY
+from server.valuation import PriceRequest, check_price_request, price_contracts
 
 
 async def price(request: web.Request) -> web.Response:
+    admit(request)
+    deadline = deadline_s(request)
     req = await read_json(request, PriceRequest)
     check_price_request(req, limits=limits(request))
-    return canonical_response(await price_contracts(req, model=request.app[MODEL_KEY]))
+    body = await price_contracts(req, model=request.app[MODEL_KEY], deadline_s=deadline)
+    return canonical_response(body)
 
 
 def setup_routes(app: web.Application) -> None:

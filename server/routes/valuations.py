@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.errors import read_json
+from server.http import admit, canonical_response, deadline_s, limits, read_json
 from server.keys import MARKETDATA_KEY, METRICS_KEY, MODEL_KEY
-from server.routes.price import canonical_response, limits
 from server.valuation import ValuationRequest, check_valuation_request, value_book
 
 
 async def post_valuation(request: web.Request) -> web.Response:
     counter = request.app[METRICS_KEY].valuations
     try:
+        admit(request)
+        deadline = deadline_s(request)
         req = await read_json(request, ValuationRequest)
         check_valuation_request(req, limits=limits(request))
         body = await value_book(
-            req, marketdata=request.app[MARKETDATA_KEY], model=request.app[MODEL_KEY]
+            req,
+            marketdata=request.app[MARKETDATA_KEY],
+            model=request.app[MODEL_KEY],
+            deadline_s=deadline,
         )
     except Exception:
         counter.labels(result="error").inc()
