@@ -21,10 +21,11 @@ import hashlib
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -417,12 +418,75 @@ class Quote:
     source: str
 
 
+@dataclass(frozen=True)
+class BookQuotes:
+    """The market inputs of a book, one entry per instrument in book order.
+
+    Entry i equals what the scalar lookups answer for instrument i: `MarketView.spot(u)`,
+    `zero_rate(T)`, `dividend_yield(u, T)` and, where the instrument needs one, `vol(u, T, K)`.
+    """
+
+    spot: tuple[Quote, ...]
+    zero_rate: tuple[Quote, ...]
+    dividend_yield: tuple[Quote, ...]
+    vol: tuple[Quote | None, ...]  # None where the instrument needs no vol
+
+
+class InstrumentQuoteError(Exception):
+    """The lookups of instrument `index` raised `error`, exactly as the scalar methods raise it.
+
+    `error` (also the `__cause__`) is the scalar path's own exception, type and message:
+    MarketDataNotFound for a missing spot, curve or surface, MarketDataInvalid for a bad T or K,
+    ArithmeticError or ValueError where ln(K/F) cannot be computed.
+    """
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"instrument {index}: {error}")
+        self.index = index
+        self.error = error
+
+
 def _where(q: float, lo: float, hi: float, *, what: str) -> str:
     if q < lo:
         return f" (flat extrapolation below {what} {lo:g})"
     if q > hi:
         return f" (flat extrapolation above {what} {hi:g})"
     return ""
+
+
+def _curve_source(kind: str, name: str, c: Curve, T: float) -> str:
+    where = _where(T, c.tenors[0], c.tenors[-1], what="tenor")
+    return f"{kind} {name} {c.interpolation} at T={T:g}{where}"
+
+
+def _forward_source(s: Quote, r: Quote, q: Quote) -> str:
+    return f"{s.source} * exp((r - q) T); r: {r.source}; q: {q.source}"
+
+
+def _log_moneyness(*, K: float, S: float, r: float, q: float, T: float) -> float:
+    """ln(K / F), F = S exp((r - q) T), in log space: no overflow or log(0) for far-out forwards.
+
+    math.log on purpose: numpy's vectorised log may differ from libm's in the last ulp.
+    """
+    return math.log(K) - math.log(S) - (r - q) * T
+
+
+def _vol_source(
+    underlying: str, surface: VolSurface, *, T: float, x: float, forward_source: str | None
+) -> str:
+    """Source of a vol read at (T, x); `forward_source` is given exactly on log-moneyness."""
+    axis = surface.axis_values
+    if forward_source is None:
+        label, extra = f"K={x:g}", ""
+    else:
+        label, extra = f"ln(K/F)={x:.6g}", f"; F: {forward_source}"
+    where = _where(T, surface.expiries[0], surface.expiries[-1], what="expiry") + _where(
+        x, axis[0], axis[-1], what=surface.axis
+    )
+    return (
+        f"vol_surface {underlying} {surface.axis} bilinear total variance at T={T:g} "
+        f"{label}{where}{extra}"
+    )
 
 
 class MarketView:
@@ -488,7 +552,7 @@ class MarketView:
         r = self.zero_rate(T)
         q = self.dividend_yield(underlying, T)
         value = s.value * _safe_exp((r.value - q.value) * T)
-        return Quote(value, f"{s.source} * exp((r - q) T); r: {r.source}; q: {q.source}")
+        return Quote(value, _forward_source(s, r, q))
 
     def vol(self, underlying: str, T: float, K: float) -> Quote:
         try:
@@ -499,26 +563,165 @@ class MarketView:
             ) from None
         if not (math.isfinite(K) and K > 0.0):
             raise MarketDataInvalid("K", f"strike must be finite and > 0, got {K!r}")
-        axis = surface.axis_values
+        forward_source: str | None = None
         if surface.strikes is not None:
-            x, label, extra = K, f"K={K:g}", ""
+            x = K
         else:
-            fwd = self.forward(underlying, T)  # for the source text; may be inf or 0
+            # The forward's own lookups, in forward()'s order; its value (maybe inf) is not needed.
             s, r, q = self.spot(underlying), self.zero_rate(T), self.dividend_yield(underlying, T)
-            # ln(K/F) in log space: no overflow or log(0) for far-out forwards
-            x = math.log(K) - math.log(s.value) - (r.value - q.value) * T
-            label, extra = f"ln(K/F)={x:.6g}", f"; F: {fwd.source}"
+            x = _log_moneyness(K=K, S=s.value, r=r.value, q=q.value, T=T)
+            forward_source = _forward_source(s, r, q)
         value = float(
-            interpolate_vol(expiries=surface.expiries, axis=axis, vols=surface.vols, t=T, x=x)
-        )
-        where = _where(T, surface.expiries[0], surface.expiries[-1], what="expiry") + _where(
-            x, axis[0], axis[-1], what=surface.axis
+            interpolate_vol(
+                expiries=surface.expiries, axis=surface.axis_values, vols=surface.vols, t=T, x=x
+            )
         )
         return Quote(
-            value,
-            f"vol_surface {underlying} {surface.axis} bilinear total variance at T={T:g} "
-            f"{label}{where}{extra}",
+            value, _vol_source(underlying, surface, T=T, x=x, forward_source=forward_source)
         )
+
+    def book_quotes(
+        self,
+        *,
+        underlyings: Sequence[str],
+        T: Sequence[float],
+        K: Sequence[float],
+        need_vol: Sequence[bool],
+    ) -> BookQuotes:
+        """Spot, zero rate, dividend yield and (where `need_vol`) vol of every instrument at once.
+
+        Equal, value and source, to the scalar lookups per instrument (`_instrument_quotes`), but
+        the interpolation runs once per curve and surface over all the instruments that read it:
+        it is elementwise, so each float is the one the scalar call computes. ln(K/F) stays
+        math.log per instrument.
+
+        Errors: an instrument whose lookups might raise (a missing spot, curve or surface, a T or
+        K out of range, an ln(K/F) that is not finite) is re-run on the scalar methods, in book
+        order; the first that raises is reported as `InstrumentQuoteError(index, error)`, `error`
+        being the scalar path's own exception. Mismatched lengths are a ValueError.
+        """
+        n = len(underlyings)
+        if not len(T) == len(K) == len(need_vol) == n:
+            raise ValueError(
+                f"underlyings, T, K and need_vol differ in length: "
+                f"{n}, {len(T)}, {len(K)}, {len(need_vol)}"
+            )
+        t = np.asarray(T, dtype=np.float64)  # (n,)
+        k = np.asarray(K, dtype=np.float64)  # (n,)
+        want_vol = np.asarray(need_vol, dtype=np.bool_)  # (n,)
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(underlyings):
+            groups.setdefault(u, []).append(i)
+        suspect = self._book_suspects(groups, t, k, want_vol)  # (n,) bool
+        out = _BookColumns(n)
+        ok = np.flatnonzero(~suspect)  # (m,)
+        if ok.size:
+            name = self._discount_curve_name()
+            c = self.snapshot.zero_curves[name]
+            rates = interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=t[ok])
+            for i, r in zip(ok.tolist(), rates.tolist(), strict=True):
+                out.zero_rate[i] = Quote(r, _curve_source("zero_curve", name, c, T[i]))
+        for u, members in groups.items():
+            g = np.asarray(members, dtype=np.intp)
+            left = self._group_quotes(u, g[~suspect[g]], T=T, K=K, t=t, want_vol=want_vol, out=out)
+            suspect[left] = True
+        for i in np.flatnonzero(suspect).tolist():
+            try:
+                quotes = self._instrument_quotes(underlyings[i], T[i], K[i], bool(need_vol[i]))
+            except (MarketDataNotFound, ArithmeticError, ValueError) as exc:
+                raise InstrumentQuoteError(i, exc) from exc
+            out.spot[i], out.zero_rate[i], out.dividend_yield[i], out.vol[i] = quotes
+        return out.freeze(want_vol)
+
+    def _instrument_quotes(
+        self, underlying: str, T: float, K: float, need_vol: bool
+    ) -> tuple[Quote, Quote, Quote, Quote | None]:
+        """One instrument's lookups, in the order a valuation makes them: the reference path."""
+        sigma = self.vol(underlying, T, K) if need_vol else None
+        return self.spot(underlying), self.zero_rate(T), self.dividend_yield(underlying, T), sigma
+
+    def _book_suspects(
+        self,
+        groups: dict[str, list[int]],
+        t: npt.NDArray[np.float64],
+        k: npt.NDArray[np.float64],
+        want_vol: npt.NDArray[np.bool_],
+    ) -> npt.NDArray[np.bool_]:
+        """Instruments for which some scalar lookup might raise (a superset, never fewer)."""
+        snap = self.snapshot
+        finite_t = np.isfinite(t)
+        suspect = ~(finite_t & (t >= 0.0))
+        suspect |= want_vol & ~(finite_t & (t > 0.0) & np.isfinite(k) & (k > 0.0))
+        try:
+            has_discount = self._discount_curve_name() in snap.zero_curves
+        except MarketDataNotFound:
+            has_discount = False
+        if not has_discount:
+            suspect[:] = True
+        for u, members in groups.items():
+            g = np.asarray(members, dtype=np.intp)
+            if u not in snap.spots or u not in snap.dividend_curves:
+                suspect[g] = True
+            elif u not in snap.vol_surfaces:
+                suspect[g[want_vol[g]]] = True
+        return suspect
+
+    def _group_quotes(
+        self,
+        underlying: str,
+        g: npt.NDArray[np.intp],
+        *,
+        T: Sequence[float],
+        K: Sequence[float],
+        t: npt.NDArray[np.float64],
+        want_vol: npt.NDArray[np.bool_],
+        out: _BookColumns,
+    ) -> list[int]:
+        """Quotes of one underlying's instruments `g`, none suspect; their zero rates are in.
+
+        Returns the instruments left for the scalar path: those whose ln(K/F) is not finite.
+        """
+        if not g.size:
+            return []
+        snap = self.snapshot
+        s = self.spot(underlying)
+        c = snap.dividend_curves[underlying]
+        dividends = interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=t[g])
+        for i, d in zip(g.tolist(), dividends.tolist(), strict=True):
+            out.spot[i] = s
+            out.dividend_yield[i] = Quote(d, _curve_source("dividend_curve", underlying, c, T[i]))
+        gv = g[want_vol[g]].tolist()
+        if not gv:
+            return []
+        surface = snap.vol_surfaces[underlying]
+        forward_sources: list[str | None] = [None] * len(gv)
+        xs: list[float] = [K[i] for i in gv]
+        if surface.log_moneyness is not None:
+            for j, i in enumerate(gv):
+                r, q = out.zero_rate[i], out.dividend_yield[i]
+                assert r is not None and q is not None
+                try:
+                    xs[j] = _log_moneyness(K=K[i], S=s.value, r=r.value, q=q.value, T=T[i])
+                except (ArithmeticError, ValueError):
+                    xs[j] = math.nan  # the scalar re-run raises the real error
+                forward_sources[j] = _forward_source(s, r, q)
+        # The scalar path raises on a non-finite ln(K/F): those instruments are re-run on it.
+        keep = [j for j, x in enumerate(xs) if math.isfinite(x)]
+        left = [gv[j] for j in range(len(gv)) if not math.isfinite(xs[j])]
+        gv, xs = [gv[j] for j in keep], [xs[j] for j in keep]
+        forward_sources = [forward_sources[j] for j in keep]
+        if not gv:
+            return left
+        vols = interpolate_vol(
+            expiries=surface.expiries,
+            axis=surface.axis_values,
+            vols=surface.vols,
+            t=t[gv],
+            x=np.asarray(xs, dtype=np.float64),
+        )
+        for i, x, fs, v in zip(gv, xs, forward_sources, vols.tolist(), strict=True):
+            out.vol[i] = Quote(v, _vol_source(underlying, surface, T=T[i], x=x, forward_source=fs))
+        return left
 
     def _discount_curve_name(self) -> str:
         snap = self.snapshot
@@ -530,8 +733,7 @@ class MarketView:
 
     def _curve_quote(self, kind: str, name: str, c: Curve, T: float) -> Quote:
         value = float(interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=T))
-        where = _where(T, c.tenors[0], c.tenors[-1], what="tenor")
-        return Quote(value, f"{kind} {name} {c.interpolation} at T={T:g}{where}")
+        return Quote(value, _curve_source(kind, name, c, T))
 
     def _missing(self, kind: str, name: str, present: dict[str, Any]) -> str:
         known = ", ".join(sorted(present)[:20]) or "none"
@@ -539,6 +741,29 @@ class MarketView:
             f"{kind} {name!r} is not in snapshot {self.snapshot.namespace}/"
             f"{self.snapshot.val_datetime.isoformat()} as of {self.snapshot.data_asof.isoformat()} "
             f"(has: {known})"
+        )
+
+
+class _BookColumns:
+    """The quote columns book_quotes fills in, index by index, before freezing them."""
+
+    def __init__(self, n: int) -> None:
+        self.spot: list[Quote | None] = [None] * n
+        self.zero_rate: list[Quote | None] = [None] * n
+        self.dividend_yield: list[Quote | None] = [None] * n
+        self.vol: list[Quote | None] = [None] * n
+
+    def freeze(self, want_vol: npt.NDArray[np.bool_]) -> BookQuotes:
+        def full(column: list[Quote | None]) -> tuple[Quote, ...]:
+            assert all(q is not None for q in column)
+            return tuple(q for q in column if q is not None)
+
+        assert all((q is not None) == bool(w) for q, w in zip(self.vol, want_vol, strict=True))
+        return BookQuotes(
+            spot=full(self.spot),
+            zero_rate=full(self.zero_rate),
+            dividend_yield=full(self.dividend_yield),
+            vol=tuple(self.vol),
         )
 
 
@@ -560,8 +785,51 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class _IndexRead:
+    """A parsed, checked index as read at `etag`, with its data_asofs ready for bisection."""
+
+    index: _Index
+    etag: str
+    stamps: tuple[datetime, ...]
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _LRU(Generic[_K, _V]):
+    """At most `size` entries, the least recently used one dropped first; size 0 keeps none."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[_K, _V] = OrderedDict()
+
+    def get(self, key: _K) -> _V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: _K, value: _V) -> None:
+        if self._size == 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
 class MarketDataStore:
-    """Append-only snapshots on an ObjectStore; resolution by greatest data_asof <= requested."""
+    """Append-only snapshots on an ObjectStore; resolution by greatest data_asof <= requested.
+
+    Two bounded LRU caches (`cache_entries` each; 0 disables them) spare the per-request parse:
+    the parsed index per index key, reused only while the store answers the same etag (every
+    read still fetches the index, so a commit by anyone is seen at once); and loaded snapshots
+    per (key, hash from the index), which are immutable and content-addressed, so a hit needs
+    no read at all. A miss reads, hash-checks and validates the document as before. Cached
+    snapshots are shared between callers: treat them as read-only.
+    """
 
     def __init__(
         self,
@@ -571,16 +839,21 @@ class MarketDataStore:
         max_future: timedelta = timedelta(minutes=5),
         prefix: str = "marketdata",
         max_attempts: int = 16,
+        cache_entries: int = 64,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if max_future < timedelta(0):
             raise ValueError(f"max_future must be >= 0, got {max_future}")
+        if cache_entries < 0:
+            raise ValueError(f"cache_entries must be >= 0, got {cache_entries}")
         self._store = store
         self._clock = clock
         self._max_future = max_future
         self._prefix = check_name(prefix, field="prefix")
         self._max_attempts = max_attempts
+        self._indexes: _LRU[str, _IndexRead] = _LRU(cache_entries)
+        self._snapshots: _LRU[tuple[str, str], StoredSnapshot] = _LRU(cache_entries)
 
     # keys are built only from checked names and tokens
     def _dir(self, namespace: str, val_datetime: datetime) -> str:
@@ -627,8 +900,8 @@ class MarketDataStore:
         index_key = self._index_key(namespace, vdt)
         wrote_document = False
         for _ in range(self._max_attempts):
-            index, etag = await self._read_index(namespace, vdt)
-            entries = index.entries if index is not None else []
+            read = await self._read_index(namespace, vdt)
+            entries = read.index.entries if read is not None else []
             if entries and snapshot.data_asof <= entries[-1].data_asof:
                 same = [e for e in entries if e.data_asof == snapshot.data_asof]
                 if same and same[0].hash == digest:
@@ -650,10 +923,10 @@ class MarketDataStore:
                 entries=[*entries, _IndexEntry(data_asof=snapshot.data_asof, hash=digest)],
             )
             try:
-                if etag is None:
+                if read is None:
                     await self._store.put_if_absent(index_key, canonical_json(new_index))
                 else:
-                    await self._store.put_if_match(index_key, canonical_json(new_index), etag)
+                    await self._store.put_if_match(index_key, canonical_json(new_index), read.etag)
             except (Conflict, NotFound):
                 continue  # another writer committed first: re-read and re-check
             return StoredSnapshot(key, digest, snapshot, created=True)
@@ -688,14 +961,16 @@ class MarketDataStore:
                 f"(hash {source.content_hash})"
             )
 
-    async def _read_index(
-        self, namespace: str, val_datetime: datetime
-    ) -> tuple[_Index | None, str | None]:
+    async def _read_index(self, namespace: str, val_datetime: datetime) -> _IndexRead | None:
+        """The current index (None if there is none); parsed again only when its etag moved."""
         key = self._index_key(namespace, val_datetime)
         try:
             obj = await self._store.get(key)
         except NotFound:
-            return None, None
+            return None
+        cached = self._indexes.get(key)
+        if cached is not None and cached.etag == obj.etag:
+            return cached
         try:
             index = _Index.model_validate_json(obj.data)
         except ValidationError as exc:
@@ -704,7 +979,9 @@ class MarketDataStore:
             ) from None
         if index.namespace != namespace or index.val_datetime != val_datetime:
             raise Corrupt(f"{key} names {index.namespace}/{index.val_datetime.isoformat()}")
-        return index, obj.etag
+        read = _IndexRead(index, obj.etag, tuple(e.data_asof for e in index.entries))
+        self._indexes.put(key, read)
+        return read
 
     async def _load(
         self, namespace: str, val_datetime: datetime, entry: _IndexEntry
@@ -712,6 +989,9 @@ class MarketDataStore:
         key = self.snapshot_key(
             namespace=namespace, val_datetime=val_datetime, data_asof=entry.data_asof
         )
+        cached = self._snapshots.get((key, entry.hash))
+        if cached is not None:
+            return cached
         try:
             obj = await self._store.get(key)
         except NotFound:
@@ -729,7 +1009,9 @@ class MarketDataStore:
             entry.data_asof,
         ):
             raise Corrupt(f"{key} holds a snapshot for another key")
-        return StoredSnapshot(key, digest, snapshot, created=False)
+        stored = StoredSnapshot(key, digest, snapshot, created=False)
+        self._snapshots.put((key, entry.hash), stored)
+        return stored
 
     def _describe(self, namespace: str, val_datetime: datetime) -> str:
         return f"namespace {namespace!r} val_datetime {val_datetime.isoformat()}"
@@ -740,25 +1022,25 @@ class MarketDataStore:
         """The snapshot with the greatest data_asof <= `data_asof` (default: the clock's now)."""
         vdt = require_aware(val_datetime, field="val_datetime")
         asof = require_aware(self._clock() if data_asof is None else data_asof, field="data_asof")
-        index, _ = await self._read_index(namespace, vdt)
-        if index is None or not index.entries:
+        read = await self._read_index(namespace, vdt)
+        if read is None or not read.stamps:
             raise MarketDataNotFound(f"no market data for {self._describe(namespace, vdt)}")
-        stamps = [e.data_asof for e in index.entries]
+        stamps = read.stamps
         pos = bisect.bisect_right(stamps, asof)
         if pos == 0:
             raise MarketDataNotFound(
                 f"no market data for {self._describe(namespace, vdt)} known as of "
                 f"{asof.isoformat()}; the earliest data_asof is {stamps[0].isoformat()}"
             )
-        return await self._load(namespace, vdt, index.entries[pos - 1])
+        return await self._load(namespace, vdt, read.index.entries[pos - 1])
 
     async def get_exact(
         self, *, namespace: str, val_datetime: datetime, data_asof: datetime
     ) -> StoredSnapshot:
         vdt = require_aware(val_datetime, field="val_datetime")
         asof = require_aware(data_asof, field="data_asof")
-        index, _ = await self._read_index(namespace, vdt)
-        for entry in index.entries if index is not None else []:
+        read = await self._read_index(namespace, vdt)
+        for entry in read.index.entries if read is not None else []:
             if entry.data_asof == asof:
                 return await self._load(namespace, vdt, entry)
         raise MarketDataNotFound(
@@ -767,8 +1049,8 @@ class MarketDataStore:
 
     async def list_data_asofs(self, *, namespace: str, val_datetime: datetime) -> list[datetime]:
         vdt = require_aware(val_datetime, field="val_datetime")
-        index, _ = await self._read_index(namespace, vdt)
-        return [e.data_asof for e in index.entries] if index is not None else []
+        read = await self._read_index(namespace, vdt)
+        return list(read.stamps) if read is not None else []
 
     async def list_val_datetimes(
         self, *, namespace: str, limit: int, after: datetime | None = None
