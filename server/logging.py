@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
 import uuid
+from typing import Any, TextIO
 
+import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -56,18 +59,77 @@ def _is_plain_console_handler(handler: logging.Handler) -> bool:
     )
 
 
+def _dumps(event_dict: structlog.typing.EventDict, **kw: Any) -> str:
+    """orjson for speed; json (what JSONRenderer uses by default) for what orjson refuses:
+    ints beyond 64 bits, lone surrogates, very deep nesting."""
+    try:
+        rendered = orjson.dumps(
+            event_dict, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS
+        )
+        return rendered.decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event_dict, **kw)
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """A WriteLogger with the `name` that `add_logger_name` reads."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+    def msg(self, message: str) -> None:
+        # As stdlib's Handler.handleError: a closed or broken stderr never fails the caller
+        # (the access line is written in the middleware's `finally`). Not contextlib.suppress:
+        # that is an object per line.
+        try:  # noqa: SIM105
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def _calling_module() -> str:
+    """The module that logged, as stdlib's LoggerFactory names a `get_logger()` without one."""
+    frame = sys._getframe(2)  # past this function and the factory
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("structlog"):
+        frame = frame.f_back
+    return str(frame.f_globals.get("__name__") or "?")
+
+
+class _NamedWriteLoggerFactory:
+    """One writer per logger name, all on one stream. Loggers are not cached (see configure),
+    so this runs on every log call: it must be a dict lookup, not a construction."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._loggers: dict[str, _NamedWriteLogger] = {}
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        name = str(args[0]) if args and args[0] is not None else _calling_module()
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = _NamedWriteLogger(self._file, name)
+        return logger
+
+
 def configure_logging(settings: LoggingSettings) -> None:
-    """Route every log line, structlog's and stdlib's (storage, aiohttp, botocore), through one
-    structlog formatter on the root logger: JSON (or console) with level, timestamp, logger name
-    and the bound context variables (request_id, method, route inside a request).
+    """Write every log line, structlog's and stdlib's (storage, aiohttp, botocore), to stderr
+    as JSON (or console) with level, timestamp, logger name and the bound context variables
+    (request_id, method, route inside a request). structlog's own events are rendered and
+    written directly, without stdlib logging's records and handlers (most of the cost of a
+    line); stdlib records go through one structlog formatter on the root logger.
 
     Idempotent: a second call replaces the handler it installed (and any basicConfig-style
     console handler) instead of adding another; other handlers (pytest's capture) are kept.
     """
     level = logging.getLevelNamesMapping()[settings.level]
     json_format = settings.format == "json"
-    # Both sources get the same fields; for structlog's own events they are added before the
-    # hand-off to stdlib, for stdlib records by the formatter's foreign_pre_chain.
+    # Both sources get the same fields: structlog's events from its own chain, stdlib records
+    # from the formatter's foreign_pre_chain. add_logger_name reads the writer's name or the
+    # record's.
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -75,20 +137,20 @@ def configure_logging(settings: LoggingSettings) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_format else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
+        if json_format
+        else structlog.dev.ConsoleRenderer()
     )
     # The console renderer formats exceptions itself (and warns if they arrive pre-formatted).
     exc: list[structlog.typing.Processor] = (
         [structlog.processors.format_exc_info] if json_format else []
     )
+    # sys.stderr as it is now (a redirect or capture in force at configure time is honoured).
+    stream = sys.stderr
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *exc, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=_NamedWriteLoggerFactory(stream),
         # Not cached: a later configure_logging call (tests, reloads) must reach every logger.
         cache_logger_on_first_use=False,
     )
@@ -101,8 +163,7 @@ def configure_logging(settings: LoggingSettings) -> None:
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *exc, renderer],
     )
-    # sys.stderr as it is now (a redirect or capture in force at configure time is honoured).
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

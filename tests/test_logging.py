@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -118,8 +120,9 @@ def test_configure_logging_is_idempotent(
     logging.getLogger("storage.chain").info("filtered out at WARNING")
     structlog.get_logger("x").info("filtered out too")
     logging.getLogger("storage.chain").error("once")
+    structlog.get_logger("x").error("once too")
     lines = json_lines(capsys.readouterr().err)
-    assert [line["event"] for line in lines] == ["once"]
+    assert [line["event"] for line in lines] == ["once", "once too"]
 
 
 def test_console_format_still_works(
@@ -130,8 +133,63 @@ def test_console_format_still_works(
     structlog.get_logger("spectralmc.x").info("native console line", a=1)
     err = capsys.readouterr().err
     assert "console line 1" in err and "storage.chain" in err
-    assert "native console line" in err
+    assert "native console line" in err and "spectralmc.x" in err
     assert not err.lstrip().startswith("{")
+
+
+def test_stack_info_of_both_sources(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure()
+    logging.getLogger("storage.chain").info("stdlib with stack", stack_info=True)
+    structlog.get_logger("spectralmc.x").info("native with stack", stack_info=True)
+    lines = json_lines(capsys.readouterr().err)
+    assert [line["event"] for line in lines] == ["stdlib with stack", "native with stack"]
+    for line in lines:
+        assert line["stack"].startswith("Stack (most recent call last):"), line
+        assert "test_stack_info_of_both_sources" in line["stack"]
+
+
+def test_values_json_cannot_hold_natively_still_give_one_json_line(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """orjson refuses ints beyond 64 bits and lone surrogates; the line is written anyway."""
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    configure()
+    log = structlog.get_logger("spectralmc.x")
+    log.info("odd values", obj=Opaque(), keys={1: "int key"}, text="é✓")
+    log.info("big int", n=2**70)
+    log.info("surrogate", s="\ud800")
+    lines = json_lines(capsys.readouterr().err)
+    assert [line["event"] for line in lines] == ["odd values", "big int", "surrogate"]
+    assert lines[0]["obj"] == "<opaque>"
+    assert lines[0]["keys"] == {"1": "int key"}
+    assert lines[0]["text"] == "é✓"
+    assert lines[1]["n"] == 2**70
+    assert lines[2]["s"] == "\ud800"
+
+
+def test_a_log_call_never_raises_on_a_closed_stream(restore_logging: None) -> None:
+    """The access line is written in the middleware's `finally`: a dead stderr must not turn
+    a response into an error."""
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream):
+        configure()
+    stream.close()
+    structlog.get_logger("spectralmc.access").info("http_request", status=200)
+
+
+def test_get_logger_without_a_name_is_named_after_the_calling_module(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure()
+    structlog.get_logger().info("nameless")
+    (line,) = json_lines(capsys.readouterr().err)
+    assert line["logger"] == __name__
 
 
 async def test_request_id_reaches_stdlib_lines_of_a_request(
@@ -142,9 +200,11 @@ async def test_request_id_reaches_stdlib_lines_of_a_request(
     """End to end: the middleware binds the id; storage code (stdlib logging, also in a worker
     thread as the stores run it) logs inside the request; every line carries the id."""
     storage_log = logging.getLogger("storage.localstore")
+    server_log = structlog.get_logger("spectralmc.server")
 
     async def handler(request: web.Request) -> web.Response:
         storage_log.info("read in the handler")
+        server_log.info("priced", contracts=1)
         await asyncio.to_thread(storage_log.info, "read in a worker thread")
         return web.json_response({"ok": True})
 
@@ -157,7 +217,17 @@ async def test_request_id_reaches_stdlib_lines_of_a_request(
     lines = json_lines(capsys.readouterr().err)
     mine = [line for line in lines if line.get("request_id") == "req-77"]
     events = {line["event"]: line for line in mine}
-    assert {"read in the handler", "read in a worker thread", "http_request"} <= set(events)
+    assert {"read in the handler", "priced", "read in a worker thread", "http_request"} <= set(
+        events
+    )
+    for line in mine:  # one JSON object per line (json_lines), each with the common fields
+        assert {"level", "timestamp", "logger", "event", "request_id"} <= line.keys(), line
+        assert line["timestamp"].endswith("Z")
+        assert line["method"] == "GET" and line["route"] == "/thing"
+    assert events["read in the handler"]["logger"] == "storage.localstore"
     assert events["read in a worker thread"]["logger"] == "storage.localstore"
+    assert events["priced"]["logger"] == "spectralmc.server"
+    assert events["priced"]["contracts"] == 1
+    assert events["priced"]["level"] == "info"
     assert events["http_request"]["logger"] == "spectralmc.access"
     assert events["http_request"]["status"] == 200
