@@ -57,6 +57,7 @@ from bench.common import emit
 from bench.soak import (
     AUTH,
     NAMESPACE,
+    SERVICE_TOML,
     VAL_DATETIMES,
     ServerProcess,
     contracts,
@@ -65,31 +66,6 @@ from bench.soak import (
     market_document,
     utc_text,
 )
-
-BENCH_TOML = """\
-[server]
-host = "127.0.0.1"
-port = {port}
-shutdown_timeout_s = 30.0
-
-[store]
-url = "file://{store}"
-
-[training]
-enabled = true
-device = "cpu"
-
-[training.commit]
-kind = "every_seconds"
-every_seconds = {commit_every_s}
-
-[model]
-poll_interval_s = 1.0
-
-[logging]
-level = "INFO"
-format = "json"
-"""
 
 # The wrk script: POST the body, and print the run's numbers as one JSON line when done.
 WRK_LUA = """\
@@ -345,7 +321,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         proc.wait(30)
     errors += baseline["errors"]
 
-    server = ServerProcess(workdir, commit_every_s=args.commit_every, template=BENCH_TOML)
+    # no [core] section: the served model is the default size
+    server = ServerProcess(workdir, commit_every_s=args.commit_every, template=SERVICE_TOML)
     server.start()
     try:
 

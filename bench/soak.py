@@ -66,8 +66,8 @@ WEIGHTS: dict[str, int] = {
     "health": 4,
 }
 
-# A core config small enough to train and commit within seconds on two shared CPU cores.
-SERVER_TOML = """\
+# The service on loopback, a local store, training on and committing every few seconds.
+SERVICE_TOML = """\
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -90,7 +90,10 @@ poll_interval_s = 1.0
 [logging]
 level = "INFO"
 format = "json"
+"""
 
+# ... with a core config small enough to train and commit within seconds on two shared cores.
+SERVER_TOML = SERVICE_TOML + """
 [core.sim]
 paths_per_contract = 1024
 
@@ -202,7 +205,9 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, new_session: bool = False) -> None:
+        """`new_session`: the server in its own session, so a Ctrl-C at the terminal reaches only
+        the bench, which then stops the server with exactly one signal."""
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SPECTRALMC_")}
         env["SPECTRALMC_ADMIN__TOKEN"] = ADMIN_TOKEN
         with self.log_path.open("wb") as log:
@@ -213,6 +218,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=new_session,
             )
 
     @property
@@ -240,13 +246,14 @@ class ServerProcess:
             await asyncio.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout_s:g} s:\n{self.log_tail()}")
 
-    async def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGINT (graceful: drain, final commit), then wait; SIGKILL past the timeout."""
+    async def stop(self, timeout_s: float = 60.0, *, signum: int = signal.SIGINT) -> int:
+        """`signum` (SIGINT or SIGTERM, both graceful: drain, final commit), then wait; SIGKILL
+        past the timeout."""
         proc = self.proc
         if proc is None:
             return 0
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
         try:
             return await asyncio.to_thread(proc.wait, timeout_s)
         except subprocess.TimeoutExpired:

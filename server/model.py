@@ -419,12 +419,9 @@ class ModelService:
         q.items.append(pending)
         if not self._busy:
             self._dispatch()
-        try:
-            return await fut
-        finally:
-            # an abandoned request (client gone, request time-out) leaves its place in the queue
-            if not fut.done():
-                fut.cancel()
+        # A caller cancelled while waiting (client gone, request time-out) cancels `fut` with it;
+        # the batcher then skips it and frees its place.
+        return await fut
 
     def _next_batch(self) -> tuple[_Queue, list[_Pending]] | None:
         """Take the next batch off the oldest queue; shed cancelled and expired requests."""

@@ -19,8 +19,42 @@ from moto.server import ThreadedMotoServer
 from spectral_core.snapshot import Snapshot
 from storage.chain import blob_key
 from storage.localstore import LocalStore
-from storage.objectstore import MemoryStore, ObjectStore
+from storage.objectstore import MemoryStore, ObjectStore, StoredObject
 from storage.s3store import S3Store
+
+
+class DelegatingStore(ObjectStore):
+    """A real store underneath for tests that need a store with a twist (gated, failing,
+    yielding, counting): every call awaits `_enter(op, key)` first, a no-op here, then goes
+    to `inner`. A test store overrides the hook, or the one call it changes. `list_sizes` and
+    `aclose` keep ObjectStore's defaults (sizes read through this wrapper; inner not closed)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+
+    async def _enter(self, op: str, key: str) -> None:
+        return None
+
+    async def get(self, key: str) -> StoredObject:
+        await self._enter("get", key)
+        return await self.inner.get(key)
+
+    async def put_if_absent(self, key: str, data: bytes) -> str:
+        await self._enter("put_if_absent", key)
+        return await self.inner.put_if_absent(key, data)
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        await self._enter("put_if_match", key)
+        return await self.inner.put_if_match(key, data, etag)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        await self._enter("list", prefix)
+        return await self.inner.list(prefix)
+
+    async def delete(self, key: str) -> None:
+        await self._enter("delete", key)
+        await self.inner.delete(key)
+
 
 CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 REGION = "us-east-1"

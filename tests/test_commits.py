@@ -14,39 +14,34 @@ from spectral_core.snapshot import Snapshot
 from storage.chain import VersionChain
 from storage.commits import BackgroundCommitter, CommitPlan
 from storage.localstore import LocalStore
-from storage.objectstore import ObjectStore, StoredObject
+from storage.objectstore import ObjectStore
 from storage.retry import RetryPolicy
 from storage.s3store import S3Store
-from tests.storage_fixtures import CREDS, MotoServer, free_port, make_snapshot, new_bucket, s3_store
+from tests.storage_fixtures import (
+    CREDS,
+    DelegatingStore,
+    MotoServer,
+    free_port,
+    make_snapshot,
+    new_bucket,
+    s3_store,
+)
 
 FAST = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05)
 
 
-class GatedStore(ObjectStore):
+class GatedStore(DelegatingStore):
     """A real LocalStore whose version writes wait for a gate: a commit that is 'still running'."""
 
     def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    async def get(self, key: str) -> StoredObject:
-        return await self.inner.get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        if key.startswith("versions/"):
+    async def _enter(self, op: str, key: str) -> None:
+        if op == "put_if_absent" and key.startswith("versions/"):
             self.entered.set()
             await asyncio.to_thread(self.gate.wait, 10)
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return await self.inner.put_if_match(key, data, etag)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        return await self.inner.list(prefix)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
 
 
 def test_plan_validation() -> None:

@@ -13,9 +13,9 @@ import torch
 from spectral_core.snapshot import Snapshot
 from storage.chain import VersionChain, VersionRecord
 from storage.inference import InferenceClient, Pinned, Tracking
-from storage.objectstore import MemoryStore, ObjectStore, StoredObject, Unavailable
+from storage.objectstore import MemoryStore, ObjectStore, Unavailable
 from storage.retry import RetryPolicy
-from tests.storage_fixtures import make_snapshot, rot_blob
+from tests.storage_fixtures import DelegatingStore, make_snapshot, rot_blob
 
 FAST = RetryPolicy(attempts=2, base_delay_s=0.0, max_delay_s=0.0)
 
@@ -39,36 +39,16 @@ def snap(k: int) -> Snapshot:
     return Snapshot(tensors={"w": torch.full((64,), float(k), dtype=torch.float64)}, meta={"k": k})
 
 
-class SwitchableStore(ObjectStore):
+class SwitchableStore(DelegatingStore):
     """A real MemoryStore behind a switch that makes every call fail like a store outage."""
 
     def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.down = False
 
-    def _check(self) -> None:
+    async def _enter(self, op: str, key: str) -> None:
         if self.down:
             raise Unavailable("store is down")
-
-    async def get(self, key: str) -> StoredObject:
-        self._check()
-        return await self.inner.get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        self._check()
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        self._check()
-        return await self.inner.put_if_match(key, data, etag)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        self._check()
-        return await self.inner.list(prefix)
-
-    async def delete(self, key: str) -> None:
-        self._check()
-        await self.inner.delete(key)
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:

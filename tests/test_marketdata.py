@@ -34,7 +34,8 @@ from storage.marketdata import (
     parse_datetime_token,
     year_fraction_act365,
 )
-from storage.objectstore import Conflict, Corrupt, MemoryStore, ObjectStore, StoredObject
+from storage.objectstore import Conflict, Corrupt, MemoryStore, ObjectStore
+from tests.storage_fixtures import DelegatingStore
 
 NOW = datetime(2024, 7, 1, 12, 0, tzinfo=UTC)
 VDT = datetime(2024, 6, 28, 16, 0, tzinfo=UTC)
@@ -285,36 +286,16 @@ async def test_fixing_after_val_datetime_is_refused(md: MarketDataStore) -> None
     assert info.value.field == "fixings.SOFR.1.at"
 
 
-class _YieldingStore(ObjectStore):
+class _YieldingStore(DelegatingStore):
     """A real MemoryStore that yields to the loop around each call, so writers interleave."""
 
     def __init__(self, seed: int) -> None:
-        self.inner = MemoryStore()
+        super().__init__(MemoryStore())
         self._rng = random.Random(seed)
 
-    async def _pause(self) -> None:
+    async def _enter(self, op: str, key: str) -> None:
         for _ in range(self._rng.randint(0, 3)):
             await asyncio.sleep(0)
-
-    async def get(self, key: str) -> StoredObject:
-        await self._pause()
-        return await self.inner.get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        await self._pause()
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        await self._pause()
-        return await self.inner.put_if_match(key, data, etag)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        await self._pause()
-        return await self.inner.list(prefix)
-
-    async def delete(self, key: str) -> None:
-        await self._pause()
-        await self.inner.delete(key)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -26,6 +26,7 @@ from storage.marketdata import (
     interpolate_vol,
 )
 from storage.objectstore import Corrupt, MemoryStore, ObjectStore, StoredObject
+from tests.storage_fixtures import DelegatingStore
 from tests.test_marketdata import NOW, NS, VDT, body, snapshot
 
 UNDERLYINGS = ("SPX", "AAPL.O", "EURUSD", "NKY")
@@ -410,11 +411,11 @@ def test_log_of_a_bad_spot_raises_the_scalar_value_error() -> None:
 # --- caches -------------------------------------------------------------------------------------
 
 
-class CountingStore(ObjectStore):
+class CountingStore(DelegatingStore):
     """A real store underneath; counts gets per key, and can answer stale bytes at an etag."""
 
     def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gets: Counter[str] = Counter()
         self.frozen: dict[str, StoredObject] = {}  # key -> the object every get answers
 
@@ -423,18 +424,6 @@ class CountingStore(ObjectStore):
         if key in self.frozen:
             return self.frozen[key]
         return await self.inner.get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return await self.inner.put_if_match(key, data, etag)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        return await self.inner.list(prefix)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +31,19 @@ def contracts(n: int, seed: int) -> Contracts:
     )
 
 
+@contextlib.asynccontextmanager
+async def serving(**options: Any) -> AsyncIterator[ModelService]:
+    """A started ModelService over a MemoryStore holding one trained version; closed after."""
+    store = MemoryStore()
+    await commit_model(store)
+    service = ModelService(VersionChain(store), poll_interval=10.0, **options)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.aclose()
+
+
 def hold_pricing_thread(service: ModelService) -> threading.Event:
     """Occupy the service's one pricing thread until the returned event is set, so that a test
     controls when the queue drains (the real executor, not a stand-in)."""
@@ -45,12 +61,8 @@ async def drain(service: ModelService, release: threading.Event) -> None:
 
 
 async def test_continuous_batching_dispatches_at_once_and_batches_under_load() -> None:
-    store = MemoryStore()
-    await commit_model(store)
     batches: list[BatchStats] = []
-    service = ModelService(VersionChain(store), poll_interval=10.0, on_batch=batches.append)
-    await service.start()
-    try:
+    async with serving(on_batch=batches.append) as service:
         books = [contracts(n, seed) for n, seed in ((3, 1), (5, 2), (2, 3))]
         together = await asyncio.gather(*(service.price(b) for b in books))
         # the first finds the thread idle and goes alone; the two queued behind it share a pass
@@ -63,17 +75,11 @@ async def test_continuous_batching_dispatches_at_once_and_batches_under_load() -
                 assert value.tobytes() == got.values[key].tobytes(), key
         assert len(batches) == 5
         assert service.inflight_rows == 0 and service._inflight_bytes == 0
-    finally:
-        await service.aclose()
 
 
 async def test_admission_refuses_past_the_byte_bound_with_retry_after() -> None:
-    store = MemoryStore()
-    await commit_model(store)
     rejected: list[str] = []
-    service = ModelService(VersionChain(store), poll_interval=10.0, on_reject=rejected.append)
-    await service.start()
-    try:
+    async with serving(on_reject=rejected.append) as service:
         pricer = service.client.current.value  # type: ignore[union-attr]
         row = pricer.row_bytes()
         service.max_inflight_bytes = 10 * row  # ten rows
@@ -94,17 +100,11 @@ async def test_admission_refuses_past_the_byte_bound_with_retry_after() -> None:
         assert service.inflight_rows == 0 and service._inflight_bytes == 0
         # a lone request larger than the bound is still priced (it cannot starve anyone)
         assert (await service.price(contracts(25, 4))).values["put"].shape == (25,)
-    finally:
-        await service.aclose()
 
 
 async def test_work_past_its_deadline_is_shed_unpriced() -> None:
-    store = MemoryStore()
-    await commit_model(store)
     batches: list[BatchStats] = []
-    service = ModelService(VersionChain(store), poll_interval=10.0, on_batch=batches.append)
-    await service.start()
-    try:
+    async with serving(on_batch=batches.append) as service:
         release = hold_pricing_thread(service)
         late = asyncio.ensure_future(service.price(contracts(3, 1), deadline_s=0.01))
         patient = asyncio.ensure_future(service.price(contracts(2, 2), deadline_s=30.0))
@@ -120,16 +120,10 @@ async def test_work_past_its_deadline_is_shed_unpriced() -> None:
             await gone
         assert [(b.requests, b.rows) for b in batches] == [(1, 2)]  # only the patient one
         assert service.inflight_rows == 0 and service._inflight_bytes == 0
-    finally:
-        await service.aclose()
 
 
 async def test_deadline_admission_uses_the_measured_pricing_time() -> None:
-    store = MemoryStore()
-    await commit_model(store)
-    service = ModelService(VersionChain(store), poll_interval=10.0)
-    await service.start()
-    try:
+    async with serving() as service:
         for n in (1, 64, 256):  # the cost model learns seconds = a + b * rows
             await service.price(contracts(n, n))
         release = hold_pricing_thread(service)
@@ -140,8 +134,6 @@ async def test_deadline_admission_uses_the_measured_pricing_time() -> None:
         assert refused.value.reason == "deadline"
         await drain(service, release)
         assert (await ahead).values["put"].shape == (2000,)
-    finally:
-        await service.aclose()
 
 
 async def test_bad_requests_fail_alone_and_errors_name_the_cause() -> None:
