@@ -371,6 +371,8 @@ class Lab:
                 "enabled": True,
                 "device": "cpu",
                 "commit": {"kind": "every_steps", "every_steps": 10},
+                # a server restarted after kill -9 waits out its dead predecessor's lease
+                "lease_ttl_s": 3.0,
             },
             "model": {"poll_interval_s": 0.3},
             "logging": {"level": "INFO", "format": "json"},
@@ -730,17 +732,23 @@ corrupted_blob_at_head_trainer_resumes.__doc__ = corrupted_blob_at_head.__doc__
 
 
 def two_servers_one_chain(lab: Lab) -> ScenarioResult:
-    """Two servers train against one store: one linear chain, every reported commit in it."""
+    """Two servers with training on against one store: the training lease lets one train while
+    the other stands by; one linear chain of one lineage, every reported commit in it."""
     res = ScenarioResult("two_servers_one_chain", passed=False)
     bucket = lab.new_bucket()
     settings = lab.settings(bucket, training={"commit": {"every_steps": 5}})
     servers = [lab.server("a", settings), lab.server("b", settings)]
     for s in servers:
         s.wait_healthy()
-    for s in servers:
-        s.wait_training(lambda st: st["commits_ok"] >= 3, timeout=120, what="3 commits")
-    for s in servers:
-        s.json("POST", "/v1/admin/training/pause", admin=True)
+
+    def one_trains_one_stands_by() -> bool:
+        states = sorted(s.training()["state"] for s in servers)
+        return states == ["running", "standby"]
+
+    wait_until(one_trains_one_stands_by, timeout=120, what="one trainer and one standby")
+    trainer = next(s for s in servers if s.training()["state"] == "running")
+    trainer.wait_training(lambda st: st["commits_ok"] >= 3, timeout=120, what="3 commits")
+    trainer.json("POST", "/v1/admin/training/pause", admin=True)
 
     def settled() -> list[dict[str, Any]] | None:
         first = [s.training() for s in servers]
@@ -772,11 +780,16 @@ def two_servers_one_chain(lab: Lab) -> ScenarioResult:
     expect(len(recs) == reported, f"{len(recs)} versions in the chain, {reported} reported")
     for st in states:
         last = st["last_commit"]
+        if last is None:  # the standby server
+            continue
         rec = by_counter.get(last["counter"])
         expect(rec is not None and rec.version_hash == last["version_hash"],
                f"reported commit {last} is not in the chain")
     expect(counted == [float(st["commits_ok"]) for st in states],
            f"/metrics commits {counted} != reported {[st['commits_ok'] for st in states]}")
+    epochs = {r.training_metrics.get("lease_epoch") for r in recs}
+    expect(epochs == {1}, f"one lineage expected, lease epochs {sorted(map(str, epochs))}")
+    expect(sorted(st["commits_ok"] for st in states)[0] == 0, "the standby server committed")
     res.passed = True
     return res
 

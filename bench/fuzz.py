@@ -68,6 +68,7 @@ from config.settings import (
     CommitPlan,
     JobsSettings,
     ModelSettings,
+    PromotionSettings,
     ServerSettings,
     Settings,
     TrainingSettings,
@@ -115,6 +116,9 @@ def fuzz_settings(*, jobs_file: Path, core: CoreConfig) -> Settings:
         server=ServerSettings(max_body_bytes=64 * 1024, request_timeout_s=30.0),
         admin=AdminSettings(token=SecretStr(TOKEN)),
         training=TrainingSettings(enabled=True, device="cpu", commit=CommitPlan(kind="never")),
+        # the API under fuzz, not model quality: every commit (even of a barely trained
+        # network) is served, so the seed commit makes the app ready
+        promotion=PromotionSettings(enabled=False),
         model=ModelSettings(poll_interval_s=0.5),
         jobs=JobsSettings(config_file=jobs_file),
         core=core,

@@ -191,11 +191,14 @@ class ServerProcess:
     """`spectralmc serve` on a fresh local store in `workdir`; logs go to `workdir/server.log`."""
 
     def __init__(
-        self, workdir: Path, *, commit_every_s: float, template: str = SERVER_TOML
+        self, workdir: Path, *, commit_every_s: float, template: str = SERVER_TOML,
+        store: Path | None = None,
     ) -> None:
-        """`template`: the settings TOML, formatted with port, store and commit_every_s."""
+        """`template`: the settings TOML, formatted with port, store and commit_every_s.
+        `store`: the local store directory (default `workdir/store`; several servers may share
+        one)."""
         self.workdir = workdir
-        self.store = workdir / "store"
+        self.store = store if store is not None else workdir / "store"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "settings.toml"

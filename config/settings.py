@@ -100,6 +100,10 @@ class CommitPlan(_Group):
     kind: Literal["every_steps", "every_seconds", "never"] = "every_seconds"
     every_steps: int = Field(default=1000, ge=1)
     every_seconds: float = Field(default=60.0, gt=0.0)
+    # every_seconds only: a run's first commit comes after this many seconds, and the interval
+    # then doubles up to every_seconds, so a fresh server has a validated version to serve
+    # within seconds (None: the first commit after every_seconds too).
+    first_after_s: float | None = Field(default=5.0, gt=0.0)
     message_template: str = "step {step} loss {loss} batch {batch}"
 
     @model_validator(mode="after")
@@ -123,6 +127,10 @@ class TrainingSettings(_Group):
     max_seconds: float | None = Field(default=None, gt=0.0)
     max_steps: int | None = Field(default=None, ge=1)
     commit: CommitPlan = CommitPlan()
+    # One trainer per chain: the training lease (storage/lease.py) expires this long after its
+    # holder last renewed it (every third of it); a standby server then takes over. Well above
+    # the servers' clock skew.
+    lease_ttl_s: float = Field(default=15.0, ge=1.0, le=3600.0)
     # Live TensorBoard scalars (loss, lr, samples/s, held-out validation, ...) under this
     # directory; None: off. Training scalars are averaged over every `tensorboard_every_steps`
     # steps (a continuous run writing every step would grow the event file without bound).
@@ -145,6 +153,18 @@ class ModelSettings(_Group):
     # How long a request may wait for its answer unless its X-Deadline-Ms header says
     # otherwise: work that cannot be (or was not) priced in time is refused with 503.
     deadline_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+
+
+class PromotionSettings(_Group):
+    """The quality gate of the `serving` ref (storage/promotion.py)."""
+
+    enabled: bool = True
+    # promote when held-out mean <= served mean + this * sqrt(se^2 + served se^2)
+    max_regression_se: float = Field(default=1.0, ge=0.0, le=10.0)
+    cf_tolerance: float = Field(default=1e-6, gt=0.0, le=1e-2)  # |F_0 - 1|, |F_k| - 1
+    density_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)  # of the density's peak
+    arbitrage_tolerance_bp: float = Field(default=100.0, ge=0.0)
+    actor: str = Field(default="promoter", min_length=1, max_length=64)
 
 
 class JobsSettings(_Group):
@@ -211,6 +231,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     training: TrainingSettings = TrainingSettings()
     model: ModelSettings = ModelSettings()
+    promotion: PromotionSettings = PromotionSettings()
     jobs: JobsSettings = JobsSettings()
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()

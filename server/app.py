@@ -35,9 +35,10 @@ from server.model import BatchStats, ModelInfo, ModelService, NoModel, Overloade
 from server.retention import RETENTION_KEY, build_retention, retention_ctx
 from server.routes import setup_routes
 from server.worker import TrainingWorker
-from storage.chain import VersionChain
+from storage.chain import VersionChain, VersionRecord
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
+from storage.promotion import Decision, Promoter, PromotionPolicy
 from storage.retry import NO_RETRY
 
 
@@ -116,6 +117,36 @@ def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) ->
         on_reject=lambda reason: metrics.pricing_rejections.labels(reason=reason).inc(),
         on_load_failure=lambda kind: metrics.model_load_failures.labels(kind=kind).inc(),
     )
+
+
+def _promoter(
+    settings: Settings, chain: VersionChain, metrics: Metrics, service: ModelService
+) -> Promoter:
+    """The quality gate of the `serving` ref, counted in /metrics; a promotion wakes the model
+    poller, so the new version serves at once rather than at the next poll."""
+    p = settings.promotion
+    policy = PromotionPolicy(
+        enabled=p.enabled,
+        max_regression_se=p.max_regression_se,
+        cf_tolerance=p.cf_tolerance,
+        density_tolerance=p.density_tolerance,
+        arbitrage_tolerance_bp=p.arbitrage_tolerance_bp,
+        actor=p.actor,
+    )
+
+    def on_decision(record: VersionRecord, decision: Decision) -> None:
+        result = "promoted" if decision.promote else "refused"
+        metrics.promotions.labels(result=result, reason=decision.reason).inc()
+        error = record.quality_metrics.get("held_out_mean_bp")
+        if isinstance(error, int | float):
+            metrics.version_held_out_error.labels(version="committed").set(error)
+        if decision.promote:
+            metrics.serving_version.set(record.counter)
+            if isinstance(error, int | float):
+                metrics.version_held_out_error.labels(version="served").set(error)
+            service.client.poke()
+
+    return Promoter(chain, policy, on_decision=on_decision)
 
 
 async def _serve_models(app: web.Application) -> AsyncIterator[None]:
@@ -208,7 +239,9 @@ def create_app(
     app[MODEL_KEY] = _model_service(settings, chain, metrics)
     app.cleanup_ctx.append(_close_store(store, owned=owned))
     app[WORKER_KEY] = (
-        TrainingWorker(settings, chain, metrics) if settings.training.enabled else None
+        TrainingWorker(settings, chain, metrics,
+                       promoter=_promoter(settings, chain, metrics, app[MODEL_KEY]))
+        if settings.training.enabled else None
     )
     app.cleanup_ctx.append(_serve_models)
     app.cleanup_ctx.append(_train)

@@ -116,6 +116,25 @@ class Metrics:
         self.commits = Counter(
             "commits", "Checkpoint commits by result", ["result"], namespace=ns, registry=registry
         )
+        # Quality-gated promotion (storage/promotion.py): each decision, and what it looked at.
+        self.promotions = Counter(
+            "promotions",
+            "Promotion decisions on committed versions: promoted or refused",
+            ["result", "reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.serving_version = Gauge(
+            "serving_version", "Version counter the serving ref names", namespace=ns,
+            registry=registry,
+        )
+        self.version_held_out_error = Gauge(
+            "version_held_out_error_bp",
+            "Held-out mean put error (bp of spot) of the last committed and the served version",
+            ["version"],
+            namespace=ns,
+            registry=registry,
+        )
         self.job_runs = Counter(
             "job_runs", "Job runs by result", ["job", "result"], namespace=ns, registry=registry
         )

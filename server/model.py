@@ -172,6 +172,7 @@ class ModelService:
             # intervals, never a fixed minute: back off to at most 8 intervals (and 60 s).
             max_backoff=max(poll_interval, min(60.0, 8.0 * poll_interval)),
             on_failure=on_load_failure,
+            on_swap=lambda _loaded: self._note_swap(),
         )
         self.poll_interval = poll_interval
         self.max_batch_rows = max_batch_rows

@@ -27,7 +27,9 @@ from spectral_core.snapshot import Snapshot
 from spectral_core.trainer import StepMetrics, Trainer, ValidationMetrics
 from storage.chain import VersionChain, VersionRecord
 from storage.commits import BackgroundCommitter, CommitPlan
+from storage.lease import LeaseLost, TrainingLease
 from storage.objectstore import Corrupt, NotFound, Unavailable
+from storage.promotion import Promoter
 from storage.tasks import cancel_and_wait
 from storage.tensorboard import ScalarWriter
 
@@ -44,7 +46,8 @@ _MAX_START_RETRY_S = 10.0
 TB_ERROR_OVER_FLOOR = "quality/error_over_floor"
 TB_PROMOTED_VERSION = "serving/promoted_version"
 
-State = Literal["starting", "running", "paused", "finished", "stopped", "error"]
+# standby: another server holds the chain's training lease; this one serves and waits for it.
+State = Literal["starting", "standby", "running", "paused", "finished", "stopped", "error"]
 
 
 class ConfigMismatch(RuntimeError):
@@ -54,7 +57,8 @@ class ConfigMismatch(RuntimeError):
 @dataclass
 class _CommitRequest:
     actor: str
-    future: concurrent.futures.Future[Snapshot]
+    # the snapshot and the quality report of exactly its weights
+    future: concurrent.futures.Future[tuple[Snapshot, dict[str, Any]]]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -87,7 +91,8 @@ def commit_plan(settings: Settings) -> CommitPlan:
         return CommitPlan.none()
     if c.kind == "every_steps":
         return CommitPlan(kind="every_steps", every=c.every_steps, message=c.message_template)
-    return CommitPlan(kind="every_seconds", every=c.every_seconds, message=c.message_template)
+    return CommitPlan(kind="every_seconds", every=c.every_seconds, message=c.message_template,
+                      first=c.first_after_s)
 
 
 def training_config(settings: Settings) -> CoreConfig:
@@ -101,8 +106,13 @@ class TrainingWorker:
         settings: Settings,
         chain: VersionChain,
         metrics: Metrics,
+        *,
+        promoter: Promoter | None = None,
     ) -> None:
+        """`promoter`: each committed version goes through its quality gate (None: no serving
+        ref is moved by this worker)."""
         self.settings = settings
+        self.promoter = promoter
         self.chain = chain
         self.metrics = metrics
         self.config = training_config(settings)
@@ -121,44 +131,89 @@ class TrainingWorker:
         self._committer: BackgroundCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starter: asyncio.Task[None] | None = None
+        # One trainer per chain (storage/lease.py): the lease is taken before training starts,
+        # renewed every third of its TTL, and checked before every commit (the fence).
+        self.lease = TrainingLease(chain, ttl_s=settings.training.lease_ttl_s)
+        self._lease_task: asyncio.Task[None] | None = None
+        self._lease_lost = threading.Event()
         # live TensorBoard scalars ([training] tensorboard_dir); opened by the training thread
         self._tb: ScalarWriter | None = None
         self._tb_window: list[StepMetrics] = []
 
     # ------------------------------------------------------------------ lifecycle (event loop side)
     async def start(self) -> None:
-        """Read HEAD (to resume from it) and start the training thread."""
+        """Take the training lease, read HEAD (to resume from it) and start the training thread.
+        While the store is unreachable or another server holds the lease, keep trying in the
+        background ("starting" or "standby" until then)."""
         self._loop = asyncio.get_running_loop()
+        if not await self._try_start():
+            self._starter = asyncio.create_task(self._start_later(), name="resume")
+
+    async def _try_start(self) -> bool:
+        """One attempt; True when it is settled (training launched, or failed for good)."""
         try:
+            epoch = await self.lease.acquire()
+            if epoch is None:
+                if self.state != "standby":
+                    state, _ = await self.lease.read()
+                    log.info("another server trains this chain; standing by",
+                             holder=None if state is None else state.holder)
+                self.state, self.error = "standby", None
+                return False
             found = await self._resume_point()
         except Unavailable as exc:
             # Resuming needs the chain's HEAD, and training from scratch meanwhile would throw
-            # the stored progress away: keep trying in the background ("starting" until then).
+            # the stored progress away: wait for the store.
+            if self.error is None:
+                log.warning("store unavailable at start; training waits for it", error=str(exc))
             self.error = f"waiting for the store: {exc}"
-            log.warning("store unavailable at start; training waits for it", error=str(exc))
-            self._starter = asyncio.create_task(self._start_when_reachable(), name="resume")
-            return
+            return False
         except Exception as exc:
             self._fail(exc)
-            return
+            return True
+        self.error = None
         self._launch(found)
+        self._lease_task = asyncio.create_task(self._keep_lease(), name="training-lease")
+        return True
 
-    async def _start_when_reachable(self) -> None:
+    async def _start_later(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
-            await asyncio.sleep(delay)
+            # a standby server polls about three times per lease TTL, so it takes over promptly
+            wait = self.settings.training.lease_ttl_s / 3 if self.state == "standby" else delay
+            await asyncio.sleep(wait)
             delay = min(2 * delay, _MAX_START_RETRY_S)
-            try:
-                found = await self._resume_point()
-            except Unavailable as exc:
-                self.error = f"waiting for the store: {exc}"
-                continue
-            except Exception as exc:
-                self._fail(exc)
+            if await self._try_start():
                 return
-            self.error = None
-            self._launch(found)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease; when it is lost, stop training (no commit) and stand by again."""
+        period = self.settings.training.lease_ttl_s / 3
+        while not self._stop.is_set():
+            await asyncio.sleep(period)
+            try:
+                await self.lease.renew()
+            except LeaseLost as exc:
+                log.error("training lease lost; training stops and this server stands by",
+                          error=str(exc))
+                break
+            except Exception as exc:  # transient: the fence stops commits if it expires
+                log.warning("training lease renewal failed", error=f"{type(exc).__name__}: {exc}")
+        else:
             return
+        self._lease_lost.set()
+        self._running.set()  # wake a paused loop so that it sees the loss
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._committer is not None:
+            await asyncio.to_thread(self._committer.close)
+        self._lease_lost.clear()
+        self.state = "standby"
+        self._starter = asyncio.create_task(self._start_later(), name="resume")
+
+    async def _fence(self) -> dict[str, Any]:
+        """Before each commit: still the leaseholder? The epoch goes into the record."""
+        return {"lease_epoch": await self.lease.check()}
 
     def _launch(self, found: tuple[int, Snapshot] | None) -> None:
         """Start the committer and the training thread from `found` (None: from scratch)."""
@@ -172,6 +227,8 @@ class TrainingWorker:
             start_step=0 if snapshot is None else int(snapshot.meta["global_step"]),
             # Counted as each commit ends: a paused or finished loop still reports them.
             on_result=self._count_commit,
+            on_commit=self._promote_from_thread,
+            fence=self._fence,
         )
         self._thread = threading.Thread(
             target=self._run, args=(snapshot,), name="spectralmc-training", daemon=True
@@ -216,6 +273,9 @@ class TrainingWorker:
         starter, self._starter = self._starter, None
         if starter is not None and not starter.done():
             await cancel_and_wait(starter)
+        lease_task, self._lease_task = self._lease_task, None
+        if lease_task is not None and not lease_task.done():
+            await cancel_and_wait(lease_task)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self._committer is not None:
@@ -223,6 +283,7 @@ class TrainingWorker:
             await asyncio.to_thread(committer.close)
         if self._tb is not None:
             await asyncio.to_thread(self._tb.close)
+        await self.lease.release()  # a standby server takes over at once
         if self.state not in ("error", "finished"):
             self.state = "stopped"
 
@@ -241,23 +302,51 @@ class TrainingWorker:
         """Snapshot at the next step boundary and commit it (awaits the commit)."""
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError(f"training is not running (state {self.state})")
-        fut: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+        fut: concurrent.futures.Future[tuple[Snapshot, dict[str, Any]]] = (
+            concurrent.futures.Future()
+        )
         with self._lock:
             self._requests.append(_CommitRequest(actor, fut))
-        snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        snapshot, quality = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         step = snapshot.meta["global_step"]
         try:
             record = await self.chain.commit(
                 snapshot,
                 message=f"manual commit by {actor} at step {step}",
-                metrics=self._training_metrics(),
-                quality=self._quality_metrics(),
+                metrics={**self._training_metrics(), **(await self._fence())},
+                quality=quality,
             )
         except Exception:
             self._count_commit(False)
             raise
         self._count_commit(True)
+        await self._promote(record)
         return record
+
+    # ------------------------------------------------------------------ promotion
+    async def _promote(self, record: VersionRecord) -> None:
+        """The quality gate on a new version; its failure is logged, never the commit's."""
+        if self.promoter is None:
+            return
+        try:
+            decision = await self.promoter.consider(record)
+        except Exception as exc:
+            log.error("promotion decision failed; the serving ref stays",
+                      counter=record.counter, error=f"{type(exc).__name__}: {exc}")
+            return
+        if decision.promote:
+            self.record_promotion(record.counter)
+
+    def _promote_from_thread(self, record: VersionRecord) -> None:
+        """Committer thread: run the gate on the server loop and wait for it (one at a time)."""
+        loop = self._loop
+        if self.promoter is None or loop is None or loop.is_closed():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._promote(record), loop)
+        try:
+            fut.result(timeout=self.settings.server.shutdown_timeout_s or None)
+        except concurrent.futures.TimeoutError:
+            log.error("promotion decision timed out", counter=record.counter)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
@@ -288,6 +377,8 @@ class TrainingWorker:
                 "created_at": last.created_at,
             },
             "last_commit_error": None if c is None else c.last_error,
+            # this server's training lease: epoch None while another server holds it
+            "lease": {"holder": self.lease.holder, "epoch": self.lease.epoch},
             "commits_ok": stats.get("commits_ok", 0),
             "commits_failed": stats.get("commits_failed", 0),
         }
@@ -310,17 +401,23 @@ class TrainingWorker:
             "lr": _finite_or_none(s.lr),
         }
 
-    def _quality_metrics(self) -> dict[str, Any]:
-        """The record's quality metrics: the latest held-out validation."""
+    def _quality_metrics(self, trainer: Trainer) -> dict[str, Any]:
+        """The record's quality metrics: the report of the trainer's current weights (held-out
+        error, validity, noise floor; spectral_core/quality.py), which the promotion gate
+        reads, and the latest validation (its val_loss drives training; it may be up to
+        `validation_every` steps older than the weights)."""
+        report = trainer.quality()
+        self.record_error_over_floor(report.error_over_floor, step=report.step)
+        out = report.as_dict()
         v = self.last_validation
-        if v is None:
-            return {}
-        return {
-            "val_step": v.step,
-            "val_loss": _finite_or_none(v.val_loss),
-            "val_mean_abs_bp": _finite_or_none(v.mean_abs_bp),
-            "val_max_abs_bp": _finite_or_none(v.max_abs_bp),
-        }
+        if v is not None:
+            out.update({
+                "val_step": v.step,
+                "val_loss": _finite_or_none(v.val_loss),
+                "val_mean_abs_bp": _finite_or_none(v.mean_abs_bp),
+                "val_max_abs_bp": _finite_or_none(v.max_abs_bp),
+            })
+        return out
 
     def _on_validation(self, v: ValidationMetrics) -> None:
         self.last_validation = v
@@ -413,49 +510,57 @@ class TrainingWorker:
             return
         assert self._committer is not None
         committer = self._committer
-        budget_steps = self.settings.training.max_steps
-        budget_s = self.settings.training.max_seconds
         self.started_at = time.monotonic()
         first_step = trainer.global_step
         self.state = "running" if self._running.is_set() else "paused"
         self._open_tensorboard()
-        try:
-            while not self._stop.is_set():
+
+        def should_continue() -> bool:
+            """Between steps: serve commit requests, wait while paused, stop or lose the lease."""
+            while True:
+                if self._stop.is_set() or self._lease_lost.is_set():
+                    return False
                 self._serve_requests(trainer)
-                if not self._running.wait(timeout=0.2):
-                    continue
-                if self._stop.is_set():
-                    break
-                out_of_steps = (
-                    budget_steps is not None and trainer.global_step - first_step >= budget_steps
-                )
-                out_of_time = (
-                    budget_s is not None and time.monotonic() - self.started_at >= budget_s
-                )
-                if out_of_steps or out_of_time:
-                    self.state = "finished"
-                    break
-                m = trainer.step()
-                self.last_step = m
-                self.metrics.training_step.set(m.step)
-                self.metrics.training_loss.set(m.loss if math.isfinite(m.loss) else float("nan"))
-                self.metrics.training_samples_per_second.set(m.samples_per_s)
-                self._tb_step(m)
-                if trainer.global_step % self.config.train.validation_every == 0:
-                    self._on_validation(trainer.validate())
-                committer.maybe_commit(
-                    trainer.global_step,
-                    lambda: committable_snapshot(trainer),
-                    self._training_metrics(),
-                    quality=self._quality_metrics(),
-                )
+                if self._running.wait(timeout=0.2):
+                    return not (self._stop.is_set() or self._lease_lost.is_set())
+
+        def on_step(m: StepMetrics) -> None:
+            self.last_step = m
+            self.metrics.training_step.set(m.step)
+            self.metrics.training_loss.set(m.loss if math.isfinite(m.loss) else float("nan"))
+            self.metrics.training_samples_per_second.set(m.samples_per_s)
+            self._tb_step(m)
+            committer.maybe_commit(
+                trainer.global_step,
+                lambda: committable_snapshot(trainer),
+                self._training_metrics(),
+                quality=lambda: self._quality_metrics(trainer),
+            )
+
+        try:
+            # the Trainer's own loop: budgets, validation cadence, divergence guard; a service
+            # trains on past early stopping
+            trainer.train(
+                steps=self.settings.training.max_steps,
+                seconds=self.settings.training.max_seconds,
+                on_step=on_step,
+                on_validation=self._on_validation,
+                should_continue=should_continue,
+                early_stopping=False,
+            )
+            if self._lease_lost.is_set():
+                # another server trains the chain now: no final commit, stand by
+                self._cancel_requests()
+                return
+            if not self._stop.is_set():
+                self.state = "finished"
             # Final commit of the end state, then wait for it (runs on the server loop).
             self._serve_requests(trainer)
-            if trainer.global_step > first_step:
+            if trainer.global_step > first_step and committer.plan.kind != "none":
                 committer.final(
                     committable_snapshot(trainer),
                     metrics=self._training_metrics(),
-                    quality=self._quality_metrics(),
+                    quality=self._quality_metrics(trainer),
                     timeout=self.settings.server.shutdown_timeout_s,
                 )
         except Exception as exc:
@@ -480,7 +585,8 @@ class TrainingWorker:
             reqs, self._requests = self._requests, []
         for r in reqs:
             try:
-                r.future.set_result(committable_snapshot(trainer))
+                snapshot = committable_snapshot(trainer)
+                r.future.set_result((snapshot, self._quality_metrics(trainer)))
             except Exception as exc:
                 r.future.set_exception(exc)
 

@@ -111,6 +111,20 @@ class OptimConfig(_Frozen):
     plateau_patience: int = Field(default=5, ge=1)
     plateau_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
     grad_clip: float | None = Field(default=1.0, gt=0.0)
+    # Iterate averaging (torch.optim.swa_utils.AveragedModel): "ema" keeps an exponential moving
+    # average of the weights from step `averaging_start` (None: the end of the first anneal,
+    # total_steps) with decay `ema_decay` per step; the average is what is served and assessed,
+    # the raw weights keep training. "none" leaves these keys out of the config's JSON, so older
+    # fingerprints stay valid.
+    averaging: Literal["none", "ema"] = "none"
+    ema_decay: float = Field(default=0.999, gt=0.0, lt=1.0)
+    averaging_start: int | None = Field(default=None, ge=0)
+
+    def averaging_from(self) -> int:
+        return self.total_steps if self.averaging_start is None else self.averaging_start
+
+
+_AVERAGING_KEYS = ("averaging", "ema_decay", "averaging_start")
 
 
 class TrainConfig(_Frozen):
@@ -119,6 +133,32 @@ class TrainConfig(_Frozen):
     validation_every: int = Field(default=200, ge=1)
     early_stopping_patience: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
+    # The training loop's decisions (Trainer.validate). Keys at these defaults are left out of
+    # the config's JSON (older fingerprints stay valid); any other value is in the fingerprint.
+    # The validation set uses its own Sobol scramble (seed + offset): no training contract in it.
+    validation_seed_offset: int = Field(default=1_000_003, ge=1)
+    # Strikes (as multiples of the forward) at which validation prices are checked.
+    validation_moneyness: tuple[float, ...] = Field(default=(0.7, 0.85, 1.0, 1.15, 1.3),
+                                                    min_length=1)
+    # A validation counts as an improvement (early stopping) only if it beats the best by this.
+    early_stop_min_rel_improvement: float = Field(default=1e-4, ge=0.0, lt=1.0)
+    # Divergence guard: a validation loss this many times the best (or non-finite) rolls the
+    # model and optimiser back to the best validation and scales the learning rate by
+    # divergence_lr_factor. A large Adam step can push every |F_k| towards 0, where exp
+    # underflows and no gradient is left: such a run never recovers.
+    divergence_factor: float = Field(default=20.0, gt=1.0)
+    divergence_lr_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_moneyness(self) -> TrainConfig:
+        if not all(0.0 < m < 10.0 for m in self.validation_moneyness):
+            raise ValueError("validation_moneyness must lie in (0, 10)")
+        return self
+
+
+_LOOP_DEFAULTS = {k: TrainConfig.model_fields[k].default for k in (
+    "validation_seed_offset", "validation_moneyness", "early_stop_min_rel_improvement",
+    "divergence_factor", "divergence_lr_factor")}
 
 
 class MemoryConfig(_Frozen):
@@ -212,6 +252,12 @@ class CoreConfig(_Frozen):
     def to_json(self) -> dict[str, Any]:
         """The JSON form stored in checkpoints; a GBM config leaves out the keys it never had."""
         body = self.model_dump(mode="json")
+        if self.optim.averaging == "none":
+            for key in _AVERAGING_KEYS:
+                body["optim"].pop(key)
+        for key, default in _LOOP_DEFAULTS.items():
+            if getattr(self.train, key) == default:
+                body["train"].pop(key)
         if self.process == "gbm":
             body.pop("process")
             for key in _GBM_OMITTED_SIM:

@@ -18,7 +18,7 @@ from spectral_core.cvnn import SpectralCVNN, build_model
 from spectral_core.fastnet import FastSpectralNet, cos_put_digital
 from spectral_core.processes import get_process
 from spectral_core.processes.base import Process
-from spectral_core.snapshot import Snapshot
+from spectral_core.snapshot import Snapshot, served_weights
 
 # The contract fields of a GBM model; other processes: ("X0", "K", *process.request_fields).
 CONTRACT_FIELDS: tuple[str, ...] = ("X0", "K", "T", "r", "d", "v")
@@ -153,12 +153,8 @@ class Pricer:
             truncation_L=config.spectrum.truncation_L,
             n_features=get_process(config.process).n_features,
         )
-        state = {
-            k.removeprefix("model."): v
-            for k, v in snapshot.tensors.items()
-            if k.startswith("model.")
-        }
-        model.load_state_dict(state, strict=True)
+        # the averaged weights when the trainer averages (OptimConfig.averaging), else the raw
+        model.load_state_dict(served_weights(snapshot), strict=True)
         return cls(model, config, device=device, reproducible=reproducible)
 
     def warm_up(self) -> None:

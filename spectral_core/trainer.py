@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from spectral_core import cos
 from spectral_core.config import CoreConfig
@@ -24,23 +25,14 @@ from spectral_core.device import array_module, resolve_device, to_torch
 from spectral_core.normals import NormalsSource
 from spectral_core.processes import get_process
 from spectral_core.processes.base import Process
+from spectral_core.quality import QualityReport, assess
 from spectral_core.sampler import ContractSampler
 from spectral_core.schedule import PlateauState, lr_at
-from spectral_core.snapshot import Snapshot
+from spectral_core.snapshot import RAW_PREFIX, Snapshot
 
 SNAPSHOT_FORMAT = 1
 TRAIN_STREAM = 0
 VALIDATION_STREAM = 1
-# The validation set uses its own Sobol scramble so it never overlaps training contracts.
-VALIDATION_SEED_OFFSET = 1_000_003
-# Strikes (as multiples of the forward) at which validation prices are checked.
-VALIDATION_MONEYNESS = (0.7, 0.85, 1.0, 1.15, 1.3)
-# A validation counts as an improvement (early stopping) only if it beats the best by this much.
-EARLY_STOP_MIN_REL_IMPROVEMENT = 1e-4
-# Divergence guard: a validation loss this many times the best (or non-finite) rolls the model and
-# optimiser back to the best validation and halves the learning rate. A large Adam step can push
-# every |F_k| towards 0, where exp underflows and no gradient is left: such a run never recovers.
-DIVERGENCE_FACTOR = 20.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +97,13 @@ class Trainer:
             n_features=self.process.n_features,
         ).to(self.device)
         self.optimizer = make_optimizer(config, list(self.model.parameters()))
+        # Iterate averaging: an EMA of the weights from OptimConfig.averaging_from(); served and
+        # assessed in place of the raw weights once it has begun (n_averaged > 0).
+        self.averaged: AveragedModel | None = None
+        if config.optim.averaging == "ema":
+            self.averaged = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay)
+            )
         self.global_step = 0
         self.plateau = PlateauState()
         self.best_val = math.inf
@@ -127,6 +126,7 @@ class Trainer:
         self._val_theta, self._val_target = self._build_validation_set()
         # oracle put prices of the validation set: reported error only, never a training input
         self._val_reference = validation_reference(self._val_theta, config)
+        self._val_floor_bp: float | None = None
 
     # ------------------------------------------------------------------ batches
     def _spectrum_targets(self, theta: np.ndarray, z: Any) -> tuple[torch.Tensor, float]:
@@ -146,7 +146,7 @@ class Trainer:
     def _build_validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         n = c.train.validation_contracts
-        sampler = ContractSampler(c.domain, seed=c.train.seed + VALIDATION_SEED_OFFSET)
+        sampler = ContractSampler(c.domain, seed=c.train.seed + c.train.validation_seed_offset)
         theta = sampler.sample(n)
         B = c.train.batch_contracts
         targets = []
@@ -199,6 +199,8 @@ class Trainer:
             )
         self.optimizer.step()
         self.global_step += 1
+        if self.averaged is not None and self.global_step > c.optim.averaging_from():
+            self.averaged.update_parameters(self.model)  # the first call copies
 
         t1 = time.perf_counter()
         dt = max(t1 - t0, 1e-12)
@@ -217,34 +219,66 @@ class Trainer:
         patience = self.config.train.early_stopping_patience
         return patience is not None and self.evals_without_improvement >= patience
 
+    @property
+    def served_model(self) -> torch.nn.Module:
+        """The weights a commit serves: the average once averaging has begun, else the raw."""
+        if self.averaged is not None and int(self.averaged.n_averaged) > 0:
+            return self.averaged.module
+        return self.model
+
+    def _validation_prediction(self, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """CFs of the validation contracts by `model` (default the raw one; eval, no grad)."""
+        model = self.model if model is None else model
+        model.eval()
+        with torch.no_grad():
+            features = self.process.features(self._val_theta.to(self.device, torch.float32),
+                                             self.config.domain)
+            return model(features)
+
+    def noise_floor_bp(self) -> float:
+        """Mean held-out put error (bp) of the validation set's own MC labels: the error a
+        network that reproduced its labels exactly would have. Computed once."""
+        if self._val_floor_bp is None:
+            err = validation_price_errors_bp(self._val_target.cpu(), self._val_theta,
+                                             self.config, reference=self._val_reference)
+            self._val_floor_bp = float(err.mean())
+        return self._val_floor_bp
+
+    def quality(self) -> QualityReport:
+        """Held-out error, validity and noise floor of the current weights, with no effect on
+        training (spectral_core/quality.py): what a commit of this state records. With
+        averaging, of the averaged weights (those served)."""
+        pred = self._validation_prediction(self.served_model)
+        err = validation_price_errors_bp(pred.cpu(), self._val_theta, self.config,
+                                         reference=self._val_reference)
+        return assess(pred, self._val_theta, self.config, errors_bp=err,
+                      noise_floor_bp=self.noise_floor_bp(), step=self.global_step)
+
     def validate(self) -> ValidationMetrics:
         """Spectral loss on the held-out MC labels (drives every decision); put prices against
         the process's oracle (bp of spot), reported only."""
         c = self.config
-        self.model.eval()
-        with torch.no_grad():
-            features = self.process.features(self._val_theta.to(self.device, torch.float32),
-                                             c.domain)
-            pred = self.model(features)
-            val_loss = float((pred - self._val_target.to(self.device)).abs().square().mean())
-            err_bp = validation_price_errors_bp(pred.cpu(), self._val_theta, c,
-                                                reference=self._val_reference)
+        pred = self._validation_prediction()
+        val_loss = float((pred - self._val_target.to(self.device)).abs().square().mean())
+        err_bp = validation_price_errors_bp(pred.cpu(), self._val_theta, c,
+                                            reference=self._val_reference)
         metrics = ValidationMetrics(
             step=self.global_step,
             val_loss=val_loss,
             mean_abs_bp=float(err_bp.mean()),
             max_abs_bp=float(err_bp.max()),
         )
-        diverged = not math.isfinite(val_loss) or val_loss > DIVERGENCE_FACTOR * self.best_val
+        limit = c.train.divergence_factor * self.best_val
+        diverged = not math.isfinite(val_loss) or val_loss > limit
         if diverged and self._best is not None:
             self._load_training_state(*self._best)
-            self.guard_scale *= 0.5
+            self.guard_scale *= c.train.divergence_lr_factor
             self.divergences += 1
             self.evals_without_improvement += 1
         else:
             if c.optim.schedule == "plateau":
                 self.plateau.observe(c.optim, val_loss)
-            if val_loss < self.best_val * (1.0 - EARLY_STOP_MIN_REL_IMPROVEMENT):
+            if val_loss < self.best_val * (1.0 - c.train.early_stop_min_rel_improvement):
                 self.best_val = val_loss
                 self.evals_without_improvement = 0
                 self._best = self._training_state()
@@ -260,24 +294,43 @@ class Trainer:
         seconds: float | None = None,
         on_step: Callable[[StepMetrics], None] | None = None,
         on_validation: Callable[[ValidationMetrics], None] | None = None,
+        should_continue: Callable[[], bool] | None = None,
+        early_stopping: bool = True,
     ) -> StepMetrics | None:
-        """Train for `steps` more steps or `seconds` of wall time, or until early stopping."""
-        if steps is None and seconds is None:
+        """The training loop: `steps` more steps or `seconds` of wall time, whichever ends
+        first (neither: until `should_continue` ends it), or until early stopping.
+
+        Each iteration: `should_continue()` (it may block, e.g. while paused; False ends the
+        run), one step, the validation when due (`on_validation`), then `on_step(metrics)`,
+        after the validation, so that a commit made there carries it. `early_stopping=False`
+        trains on past the patience (a continuously training service)."""
+        if steps is None and seconds is None and should_continue is None:
             raise ValueError("give a step budget, a time budget, or both")
         deadline = None if seconds is None else time.monotonic() + seconds
+
+        def budget_left() -> bool:
+            return (steps is None or done < steps) and (
+                deadline is None or time.monotonic() < deadline)
+
         done = 0
         last: StepMetrics | None = None
-        while (steps is None or done < steps) and (deadline is None or time.monotonic() < deadline):
+        while budget_left():
+            if should_continue is not None and not should_continue():
+                break
+            if not budget_left():  # the wait may have used the time up
+                break
             last = self.step()
             done += 1
-            if on_step is not None:
-                on_step(last)
+            stop = False
             if self.global_step % self.config.train.validation_every == 0:
                 v = self.validate()
                 if on_validation is not None:
                     on_validation(v)
-                if self.should_stop:
-                    break
+                stop = early_stopping and self.should_stop
+            if on_step is not None:
+                on_step(last)
+            if stop:
+                break
         return last
 
     # ------------------------------------------------------------------ snapshot / restore
@@ -285,7 +338,10 @@ class Trainer:
         """Model and optimiser as CPU tensor copies (`model.*`, `optim.*`) and optimiser scalars."""
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.model.state_dict().items():
-            tensors[f"model.{name}"] = t.detach().cpu().clone()
+            tensors[f"{RAW_PREFIX}{name}"] = t.detach().cpu().clone()
+        if self.averaged is not None:
+            for name, t in self.averaged.state_dict().items():  # n_averaged, module.*
+                tensors[f"ema.{name}"] = t.detach().cpu().clone()
         opt = self.optimizer.state_dict()
         opt_scalars: dict[str, dict[str, Any]] = {}
         for idx, state in opt["state"].items():
@@ -303,9 +359,13 @@ class Trainer:
         self, tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any]
     ) -> None:
         model_state = {
-            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+            k.removeprefix(RAW_PREFIX): v for k, v in tensors.items() if k.startswith(RAW_PREFIX)
         }
         self.model.load_state_dict(model_state, strict=True)
+        if self.averaged is not None:
+            self.averaged.load_state_dict(
+                {k.removeprefix("ema."): v.to(self.device) for k, v in tensors.items()
+                 if k.startswith("ema.")}, strict=True)
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -408,14 +468,15 @@ def _json_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def validation_reference(theta: torch.Tensor, config: CoreConfig) -> torch.Tensor:
-    """Oracle put prices (S0 = 1) of the validation contracts at VALIDATION_MONEYNESS:
+    """Oracle put prices (S0 = 1) of the validation contracts at config.train.validation_moneyness:
     (K_levels * B,) float64, in the order of validation_price_errors_bp."""
     process = get_process(config.process)
     th = theta.to(torch.float64).numpy()
     cols = process.columns(th)
     forward = np.exp((cols["r"] - cols["d"]) * cols["T"])
     ones = np.ones_like(forward)
-    refs = [process.reference_put(th, S0=ones, K=mny * forward) for mny in VALIDATION_MONEYNESS]
+    refs = [process.reference_put(th, S0=ones, K=mny * forward)
+            for mny in config.train.validation_moneyness]
     return torch.from_numpy(np.concatenate(refs))
 
 
@@ -423,7 +484,7 @@ def validation_price_errors_bp(
     F: torch.Tensor, theta: torch.Tensor, config: CoreConfig, *,
     reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """|COS put price from F - oracle| in bp of spot (S0 = 1) at VALIDATION_MONEYNESS.
+    """|COS put price from F - oracle| in bp of spot (S0 = 1) at config.train.validation_moneyness.
 
     The oracle is the process's (Black-Scholes for GBM, COS on the analytic CF for Heston and
     Bates); pass `reference` (validation_reference) to reuse it. Returns (K_levels * B,).
@@ -438,7 +499,7 @@ def validation_price_errors_bp(
         reference = validation_reference(theta, config)
     ones = torch.ones_like(T)
     prices = []
-    for mny in VALIDATION_MONEYNESS:
+    for mny in config.train.validation_moneyness:
         K = mny * torch.exp((r - d) * T)
         prices.append(cos.put(F, a, b, S0=ones, K=K, r=r, T=T))
     return (torch.cat(prices) - reference).abs() * 1e4

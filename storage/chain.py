@@ -651,7 +651,8 @@ class VersionChain:
         return counter
 
     async def _move_ref(
-        self, name: str, counter: int | None, *, actor: str, action: str
+        self, name: str, counter: int | None, *, actor: str, action: str,
+        detail: Mapping[str, Any] | None = None,
     ) -> tuple[int | None, int | None]:
         key = ref_key(name)
         doc = canonical_json({"name": name, "counter": counter})
@@ -666,17 +667,20 @@ class VersionChain:
                     await self._put_if_match(key, doc, etag)
             except (Conflict, NotFound):
                 continue  # someone moved it meanwhile: re-read and apply on top
-            await self.append_audit(action, actor=actor, ref=name, old=old, new=counter)
+            await self.append_audit(action, actor=actor, ref=name, old=old, new=counter,
+                                    detail=detail)
             return old, counter
         raise Conflict(f"ref {name!r} kept moving; gave up after {self.max_commit_attempts} tries")
 
     async def set_ref(
-        self, name: str, target: int | str, *, actor: str, action: str = "tag"
+        self, name: str, target: int | str, *, actor: str, action: str = "tag",
+        detail: Mapping[str, Any] | None = None,
     ) -> int:
-        """Point ref `name` at a version (counter or another ref); returns the counter."""
+        """Point ref `name` at a version (counter or another ref); returns the counter.
+        `detail` goes into the audit entry (e.g. why a promotion happened)."""
         validate_ref_name(name)
         counter = await self.resolve(target)
-        await self._move_ref(name, counter, actor=actor, action=action)
+        await self._move_ref(name, counter, actor=actor, action=action, detail=detail)
         return counter
 
     async def unset_ref(self, name: str, *, actor: str, action: str = "untag") -> int | None:

@@ -16,7 +16,7 @@ import logging
 import string
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,10 +38,14 @@ def _check_template(template: str, what: str) -> None:
 
 @dataclass(frozen=True)
 class CommitPlan:
-    """When to commit: never, only at the end, every N steps, or every T seconds (plus the end)."""
+    """When to commit: never, only at the end, every N steps, or every T seconds (plus the end).
+
+    every_seconds with `first`: the first commit after `first` seconds, and the interval then
+    doubles until it reaches `every` (a fresh run has a version early, while it learns fast)."""
 
     kind: PlanKind = "every_seconds"
     every: float = 300.0
+    first: float | None = None
     message: str = "step {step} loss {loss} batch {batch}"
     final_message: str = "final: step {step} loss {loss} batch {batch}"
 
@@ -54,6 +58,8 @@ class CommitPlan:
             raise ValueError(f"every must be an int >= 1 for every_steps, got {self.every!r}")
         if self.kind == "every_seconds" and not self.every > 0:
             raise ValueError(f"every must be > 0 seconds for every_seconds, got {self.every!r}")
+        if self.first is not None and not self.first > 0:
+            raise ValueError(f"first must be > 0 seconds, got {self.first!r}")
         _check_template(self.message, "message")
         _check_template(self.final_message, "final_message")
 
@@ -70,8 +76,9 @@ class CommitPlan:
         return cls(kind="every_steps", every=n, message=message)
 
     @classmethod
-    def every_seconds(cls, t: float, *, message: str = "step {step} loss {loss}") -> CommitPlan:
-        return cls(kind="every_seconds", every=t, message=message)
+    def every_seconds(cls, t: float, *, message: str = "step {step} loss {loss}",
+                      first: float | None = None) -> CommitPlan:
+        return cls(kind="every_seconds", every=t, message=message, first=first)
 
 
 @dataclass
@@ -97,19 +104,29 @@ class BackgroundCommitter:
         close_store: bool = False,
         start_step: int = 0,
         on_result: Callable[[bool], None] | None = None,
+        on_commit: Callable[[VersionRecord], None] | None = None,
+        fence: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
         """`loop=None`: commits run on this committer's own thread and loop, so the chain's store
         must not be in use on another loop; `close_store=True` then closes it there at close().
         `on_result(ok)` is called on the committer thread as each commit succeeds or fails (to
-        count it at once, whatever the training thread is doing)."""
+        count it at once, whatever the training thread is doing). `on_commit(record)` is then
+        called on the committer thread with each new record (e.g. to promote it); the next commit
+        waits for it. `fence()` runs on the commit loop right before each commit: it raises to
+        refuse the commit (e.g. the training lease was lost) or returns training metrics to add
+        (e.g. the lease epoch)."""
         self.chain = chain
         self.plan = plan
         self._target_loop = loop
         self._clock = clock
         self._close_store = close_store
         self._on_result = on_result
+        self._on_commit = on_commit
+        self._fence = fence
         self._last_step = start_step
         self._last_time = clock()
+        # every_seconds: the current interval (from plan.first, doubling up to plan.every)
+        self._interval = plan.every if plan.first is None else min(plan.first, plan.every)
         self._cond = threading.Condition()
         self._pending: _Job | None = None
         self._busy = False
@@ -130,7 +147,7 @@ class BackgroundCommitter:
         if kind == "every_steps":
             return step - self._last_step >= self.plan.every
         if kind == "every_seconds":
-            return self._clock() - self._last_time >= self.plan.every
+            return self._clock() - self._last_time >= self._interval
         return False
 
     def maybe_commit(
@@ -138,19 +155,23 @@ class BackgroundCommitter:
         step: int,
         snapshot_fn: Callable[[], Snapshot],
         metrics: Mapping[str, Any],
-        quality: Mapping[str, Any] | None = None,
+        quality: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     ) -> bool:
         """Cheap unless due; when due, snapshot now and hand it to the committer. Never raises.
 
         `metrics` go to the record's training metrics (and fill the message), `quality` to its
-        quality metrics.
+        quality metrics; a callable `quality` is called right after the snapshot, on the same
+        thread, so that it describes exactly the snapshot's weights.
         """
         if not self.due(step):
             return False
         self._last_step = step
         self._last_time = self._clock()
+        self._interval = min(2 * self._interval, self.plan.every)
         try:
             snapshot = snapshot_fn()
+            if callable(quality):
+                quality = quality()
         except Exception as exc:  # a failed snapshot must not stop training
             self.snapshot_failures += 1
             self.last_error = f"snapshot failed: {type(exc).__name__}: {exc}"
@@ -209,15 +230,7 @@ class BackgroundCommitter:
                         return
                     self._busy = True
                 try:
-                    record = self._execute(
-                        self.chain.commit(
-                            job.snapshot,
-                            message=job.message,
-                            metrics=job.metrics,
-                            quality=job.quality,
-                        ),
-                        own_loop,
-                    )
+                    record = self._execute(self._commit(job), own_loop)
                 except Exception as exc:  # counted and logged; training goes on
                     with self._cond:
                         self.commits_failed += 1
@@ -230,6 +243,7 @@ class BackgroundCommitter:
                         self.commits_ok += 1
                         self.last_record = record
                     self._report(True)
+                    self._committed(record)
                     job.future.set_result(record)
                 finally:
                     with self._cond:
@@ -251,6 +265,21 @@ class BackgroundCommitter:
                 self._on_result(ok)
             except Exception:  # a broken callback must not stop the committer
                 log.exception("commit result callback failed")
+
+    async def _commit(self, job: _Job) -> VersionRecord:
+        metrics = job.metrics
+        if self._fence is not None:
+            metrics = {**metrics, **(await self._fence())}
+        return await self.chain.commit(
+            job.snapshot, message=job.message, metrics=metrics, quality=job.quality
+        )
+
+    def _committed(self, record: VersionRecord) -> None:
+        if self._on_commit is not None:
+            try:
+                self._on_commit(record)
+            except Exception:  # the version is committed whatever its follow-up does
+                log.exception("commit callback failed for version %d", record.counter)
 
     def _execute(
         self,

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from spectral_core.snapshot import Snapshot
 from storage.chain import Clock, VersionChain, VersionRecord, utc_now, validate_ref_name
 from storage.objectstore import Corrupt
+from storage.promotion import SERVING_REF, is_assessed
 from storage.tasks import cancel_and_wait
 
 T = TypeVar("T")
@@ -47,7 +48,9 @@ class Pinned:
 
 @dataclass(frozen=True)
 class Tracking:
-    """Serve the newest committed version."""
+    """Serve the promoted version: the `serving` ref (storage/promotion.py), which moves only to
+    versions that passed the quality gate. On a chain written before promotion existed (no
+    `serving` ref, and HEAD carries no quality report) serve HEAD, as then."""
 
     def __str__(self) -> str:
         return "tracking"
@@ -77,9 +80,11 @@ class InferenceClient(Generic[T]):
         cache_size: int = 4,
         seed: int | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_swap: Callable[[Loaded[T]], None] | None = None,
     ) -> None:
         """`on_failure(kind)` is called for each failed poll: "corrupt" (a version refused by
-        its integrity check) or the exception's name ("Unavailable", ...), e.g. to count it."""
+        its integrity check) or the exception's name ("Unavailable", ...), e.g. to count it.
+        `on_swap(loaded)` is called after each swap to a new version."""
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         if not max_backoff >= poll_interval:
@@ -110,6 +115,7 @@ class InferenceClient(Generic[T]):
         # still wants one is refused at once (and counted) until a newer good version appears.
         self.rejected: dict[str, tuple[int, str]] = {}
         self.on_failure = on_failure
+        self.on_swap = on_swap
 
     @property
     def current(self) -> Loaded[T] | None:
@@ -134,7 +140,13 @@ class InferenceClient(Generic[T]):
     async def _wanted(self) -> VersionRecord | None:
         mode = self.mode
         if isinstance(mode, Tracking):
-            return await self.chain.head()
+            counter = await self.chain.ref(SERVING_REF)
+            if counter is not None:
+                return await self.chain.get(counter)
+            head = await self.chain.head()
+            if head is None or is_assessed(head):
+                return None  # assessed versions exist but none was promoted yet
+            return head
         counter = await self.chain.resolve(mode.target)
         return await self.chain.get(counter)
 
@@ -157,6 +169,11 @@ class InferenceClient(Generic[T]):
             self._current = loaded  # the single swap readers can observe
             self.loads_ok += 1
             log.info("serving version %d (%s)", record.counter, mode)
+            if self.on_swap is not None:
+                try:
+                    self.on_swap(loaded)
+                except Exception:  # a broken callback must not undo the swap
+                    log.exception("model swap callback failed")
             return True
 
     async def _poll_once(self) -> None:
@@ -210,6 +227,10 @@ class InferenceClient(Generic[T]):
 
     def set_pin(self, target: int | str) -> None:
         self.mode = Pinned(target)
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Poll now (e.g. the serving ref just moved), not at the next interval."""
         self._wake.set()
 
     def track(self) -> None:

@@ -91,8 +91,9 @@ async def running(
     yield client, app, store
 
 
-async def test_trains_commits_and_serves_the_newest_version(running: Any) -> None:
+async def test_trains_commits_and_serves_the_promoted_version(running: Any) -> None:
     client, app, _ = running
+    chain = app[CHAIN_KEY]
 
     async def two_commits_counted() -> bool:
         # HEAD moves on the loop before the committer thread counts the commit: wait for both.
@@ -103,17 +104,31 @@ async def test_trains_commits_and_serves_the_newest_version(running: Any) -> Non
     assert t["state"] == "running"
     assert t["step"] >= 30 and t["loss"] > 0 and t["samples_per_s"] > 0
     assert t["last_commit_error"] is None
-    head = await app[CHAIN_KEY].head()
+    head = await chain.head()
+    # every commit carries the report of exactly its weights (spectral_core/quality.py)
+    assert head.quality_metrics["step"] == head.training_metrics["step"]
+    assert head.quality_metrics["finite"] is True
 
-    async def tracks_head() -> bool:
+    async def decided() -> bool:
+        # each committed version up to HEAD was promoted or refused (audited)
+        entries = [e for e in await chain.log() if e.ref == "serving"]
+        return {e.new for e in entries} >= set(range(1, head.counter + 1))
+
+    await until(decided, what="the promoter to decide on every commit")
+    serving = await chain.ref("serving")
+    assert serving is not None
+
+    async def serves_promoted() -> bool:
         loaded = (await training_status(client))["model"]["loaded"]
-        return loaded is not None and loaded["counter"] >= head.counter
+        return loaded is not None and loaded["counter"] >= serving
 
-    await until(tracks_head, what="the tracking client to reach HEAD")
+    await until(serves_promoted, what="the tracking client to serve the serving ref")
     metrics = await (await client.get("/metrics")).text()
     assert 'spectralmc_commits_total{result="ok"}' in metrics
     assert "spectralmc_training_step" in metrics
     assert "spectralmc_model_version_info{" in metrics
+    assert 'spectralmc_promotions_total{reason="first",result="promoted"} 1.0' in metrics
+    assert "spectralmc_serving_version " in metrics
 
 
 async def test_pause_resume_and_manual_commit(running: Any) -> None:
@@ -137,9 +152,11 @@ async def test_pause_resume_and_manual_commit(running: Any) -> None:
         return (await training_status(client))["training"]["step"] > s2["step"]
 
     await until(advanced, what="training to resume")
-    actions = [e.action for e in await app[CHAIN_KEY].log()]
-    assert actions[-3:] == ["training.pause", "training.commit", "training.resume"]
-    assert all(e.actor == "admin:alice" for e in (await app[CHAIN_KEY].log())[-3:])
+    # the admin's entries; the promoter's decisions on the commits interleave with them
+    admin = [e for e in await app[CHAIN_KEY].log() if e.action.startswith("training.")]
+    assert [e.action for e in admin[-3:]] == ["training.pause", "training.commit",
+                                              "training.resume"]
+    assert all(e.actor == "admin:alice" for e in admin[-3:])
 
 
 async def test_pin_older_version_then_unpin(running: Any) -> None:
@@ -152,13 +169,14 @@ async def test_pin_older_version_then_unpin(running: Any) -> None:
     await asyncio.sleep(0.4)  # several polls: the pin holds while training commits more
     assert (await training_status(client))["model"]["loaded"]["counter"] == 1
 
-    # HEAD read before the unpin: training may commit again between the unpin's swap and now
-    head = await app[CHAIN_KEY].head()
+    # The serving ref read before the unpin: tracking serves it (or a later promotion)
+    serving = await app[CHAIN_KEY].ref("serving")
+    assert serving is not None
     resp = await client.delete("/v1/admin/model/pin", headers=AUTH)
     assert resp.status == 200
     assert (await resp.json())["unpinned"] == 1
     loaded = (await training_status(client))["model"]["loaded"]
-    assert loaded["mode"] == "tracking" and loaded["counter"] >= head.counter
+    assert loaded["mode"] == "tracking" and loaded["counter"] >= serving
     log = [(e.action, e.ref, e.old, e.new) for e in await app[CHAIN_KEY].log()]
     assert ("pin", "pin", None, 1) in log and ("unpin", "pin", 1, None) in log
 

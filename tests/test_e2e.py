@@ -1,12 +1,13 @@
 """End to end: a real app trains, commits and serves; a book is valued against Black-Scholes.
 
 The flow the service exists for: training (CPU, tiny config) commits versions to a fresh store;
-the tracking model serves HEAD; market data goes in through the API; a book of calls, puts and
-digitals is valued and every price agrees with Black-Scholes on the echoed inputs within the
-tolerance the model's own validation reports; pinning version 1 changes the answer's model block
-and prices, unpinning goes back to tracking; the same request gives the same bytes. Once on a
-LocalStore and once on S3 (moto's server); plus a diverging run whose NaN loss must neither break
-commits nor the admin API's JSON.
+the tracking model serves the promoted version (the `serving` ref); market data goes in through
+the API; a book of calls, puts and digitals is valued and every price agrees with Black-Scholes
+on the echoed inputs within the tolerance the served version's quality report gives; pinning
+version 1 changes the answer's model block and prices, unpinning goes back to tracking; the same
+request gives the same bytes. Once on a LocalStore and once on S3 (moto's server); plus a
+diverging run whose NaN loss must neither break commits nor the admin API's JSON, and is never
+promoted.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from server.app import create_app
 from server.keys import CHAIN_KEY
 from spectral_core import analytic
 from spectral_core.config import CoreConfig
-from spectral_core.trainer import VALIDATION_MONEYNESS
 from storage.chain import VersionChain
 from storage.localstore import LocalStore
 from storage.s3store import S3Store
@@ -164,7 +164,8 @@ def digital_bracket(bs: dict[str, float], *, call: bool, eps: float) -> tuple[fl
     """
     K = bs["K"]
     fwd = bs["S0"] * math.exp((bs["r"] - bs["d"]) * bs["T"])
-    lo_k, hi_k = min(VALIDATION_MONEYNESS) * fwd, max(VALIDATION_MONEYNESS) * fwd
+    moneyness = tiny_config().train.validation_moneyness
+    lo_k, hi_k = min(moneyness) * fwd, max(moneyness) * fwd
     h_max = min(K - lo_k, hi_k - K)
     assert h_max > 0, f"strike {K} is outside the validated moneyness range"
     hs = np.geomspace(h_max * 1e-3, h_max, 200)
@@ -209,12 +210,15 @@ async def pause_and_settle(client: Client, app: web.Application) -> dict[str, An
         assert head is not None
         t, loaded = status["training"], status["model"]["loaded"]
         last = t["last_commit"]
-        seen.append(
-            (t["step"], head.counter, loaded and loaded["counter"], last and last["counter"])
-        )
-        # Two reads 0.3 s apart agree, and the committer and the model both reached HEAD.
+        decided = {e.new for e in await chain.log() if e.ref == "serving"}
+        serving = await chain.ref("serving")
+        seen.append((t["step"], head.counter, last and last["counter"],
+                     loaded and loaded["counter"], serving))
+        # Two reads 0.3 s apart agree, the committer reached HEAD, the promoter decided on it,
+        # and the model serves what the serving ref names.
         stable = len(seen) >= 2 and seen[-1] == seen[-2]
-        if stable and seen[-1][1:] == (head.counter,) * 3 and t["state"] == "paused":
+        if (stable and seen[-1][1] == seen[-1][2] and head.counter in decided
+                and seen[-1][3] == serving and t["state"] == "paused"):
             return True
         await asyncio.sleep(0.3)
         return False
@@ -238,19 +242,28 @@ async def run_flow(client: Client, app: web.Application, *, min_versions: int) -
     status = await pause_and_settle(client, app)
     head = await chain.head()
     assert head is not None and head.counter >= min_versions
+    serving = await chain.ref("serving")
+    assert serving is not None
+    served = await chain.get(serving)
 
-    # The served version's record carries its validation as quality metrics, and the worker
-    # reports the same validation: commits happen on validation steps.
+    # HEAD's record carries the quality report of exactly its weights (spectral_core/quality)
+    # and the latest validation, which the worker reports too: commits happen on validation
+    # steps.
     validation = status["training"]["validation"]
     assert validation is not None and validation["step"] == head.training_metrics["step"]
-    assert head.quality_metrics == {
+    assert head.quality_metrics["step"] == head.training_metrics["step"]
+    assert head.quality_metrics["finite"] is True
+    assert {k: head.quality_metrics[k] for k in
+            ("val_step", "val_loss", "val_mean_abs_bp", "val_max_abs_bp")} == {
         "val_step": validation["step"],
         "val_loss": validation["val_loss"],
         "val_mean_abs_bp": validation["mean_abs_bp"],
         "val_max_abs_bp": validation["max_abs_bp"],
     }
-    assert set(head.training_metrics) == {"step", "loss", "batch", "lr"}
-    max_abs_bp = validation["max_abs_bp"]
+    assert set(head.training_metrics) == {"step", "loss", "batch", "lr", "lease_epoch"}
+    assert head.training_metrics["lease_epoch"] == 1  # one server, one term
+    # the served weights' own held-out maximum (the same validation contracts and strikes)
+    max_abs_bp = served.quality_metrics["held_out_max_bp"]
     assert max_abs_bp is not None and 0 < max_abs_bp < 1e4
 
     # Market data through the API, then the book.
@@ -263,8 +276,8 @@ async def run_flow(client: Client, app: web.Application, *, min_versions: int) -
     raw, body = await value(client, req)
     assert body["dataset"]["hash"] == put["hash"]
     assert body["model"] == {
-        "counter": head.counter,
-        "version_hash": head.version_hash,
+        "counter": served.counter,
+        "version_hash": served.version_hash,
         "mode": "tracking",
     }
     raw_again, _ = await value(client, req)
@@ -320,10 +333,10 @@ async def run_flow(client: Client, app: web.Application, *, min_versions: int) -
     price_of = {r["id"]: r["unit_price"] for r in body["instruments"]}
     for row, same in zip(pinned["instruments"], explicit["instruments"], strict=True):
         assert row["unit_price"] == same["unit_price"]  # pinned = exactly version 1
-        assert row["unit_price"] != price_of[row["id"]], row["id"]  # and not HEAD's price
-    assert head.counter > 1  # so the comparison above is between different versions
+        assert row["unit_price"] != price_of[row["id"]], row["id"]  # and not the served price
+    assert served.counter > 1  # so the comparison above is between different versions
 
-    # Unpin: back to tracking HEAD, and to the very bytes of the first answer.
+    # Unpin: back to tracking the serving ref, and to the very bytes of the first answer.
     resp = await client.delete("/v1/admin/model/pin", headers=AUTH)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["unpinned"] == 1
@@ -418,5 +431,19 @@ async def test_a_diverging_run_still_commits_and_reports_strict_json(
     assert resp.status == 201, await resp.text()
     manual = await app[CHAIN_KEY].get((await resp.json())["committed"]["counter"])
     assert manual.training_metrics["loss"] is None
+    assert manual.quality_metrics["finite"] is False
+    # The NaN model is never served: every decision on it is a refusal.
+    chain = app[CHAIN_KEY]
+
+    async def manual_decided() -> bool:
+        return manual.counter in {e.new for e in await chain.log() if e.ref == "serving"}
+
+    await until(manual_decided, what="the promoter to decide on the manual commit")
+    for entry in await chain.log():
+        if entry.action == "promote":
+            assert (await chain.get(entry.new)).quality_metrics["finite"] is True
+    refused = [e for e in await chain.log() if e.action == "promotion_refused"]
+    assert manual.counter in {e.new for e in refused}
+    assert all(e.detail["reason"] == "invalid" for e in refused)
     assert manual.quality_metrics["val_max_abs_bp"] is None
     assert (await app[CHAIN_KEY].verify()).ok
