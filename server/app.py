@@ -190,8 +190,10 @@ def _error_rules(settings: Settings) -> list[ErrorRule]:
             },
             log=False,
         ),
-        # No model version loaded yet is a state of the service, not of the request.
-        ErrorRule(NoModel, 503, "unavailable", headers=lambda exc: {"Retry-After": retry_no_model}),
+        # No model version loaded yet is a state of the service, not of the request (readiness
+        # says so once; a traceback per polling client would only bury the log).
+        ErrorRule(NoModel, 503, "unavailable", headers=lambda exc: {"Retry-After": retry_no_model},
+                  log=False),
         *builtin_rules(),
     ]
 
