@@ -151,3 +151,38 @@ async def test_standby_server_takes_over_after_kill_9_one_lineage(tmp_path: Path
     before = records[handover.counter - 2]
     assert handover.parent_hash == before.version_hash
     assert handover.training_metrics["step"] > before.training_metrics["step"]
+
+
+async def test_a_fenced_commit_is_refused_and_records_the_epoch(tmp_path: Path) -> None:
+    """The committer checks the lease right before each commit: the holder's commits record
+    its epoch; once another server has taken the lease, commits fail and nothing is written."""
+    from spectral_core.trainer import Trainer
+    from storage.commits import BackgroundCommitter, CommitPlan
+    from tests.core_fixtures import tiny_config
+
+    clock = Clock()
+    chain = VersionChain(LocalStore(tmp_path / "store"), clock=clock)
+    mine = TrainingLease(chain, ttl_s=10.0, holder="mine")
+    other = TrainingLease(chain, ttl_s=10.0, holder="other")
+    assert await mine.acquire() == 1
+
+    async def fence() -> dict[str, int]:
+        return {"lease_epoch": await mine.check()}
+
+    loop = asyncio.get_running_loop()
+    committer = BackgroundCommitter(chain, CommitPlan.every_steps(1), loop=loop, fence=fence)
+    trainer = Trainer(tiny_config())
+    try:
+        assert committer.maybe_commit(1, trainer.snapshot, {})
+        await asyncio.to_thread(committer.wait_idle, 30)
+        head = await chain.head()
+        assert head is not None and head.training_metrics["lease_epoch"] == 1
+        clock.advance(11.0)
+        assert await other.acquire() == 2
+        assert committer.maybe_commit(2, trainer.snapshot, {})
+        await asyncio.to_thread(committer.wait_idle, 30)
+        assert committer.commits_failed == 1 and "LeaseLost" in (committer.last_error or "")
+        assert (await chain.head()).counter == 1  # nothing written past the fence
+    finally:
+        await asyncio.to_thread(committer.close)
+        trainer.close()
