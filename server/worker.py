@@ -191,6 +191,12 @@ class TrainingWorker:
         period = self.settings.training.lease_ttl_s / 3
         while not self._stop.is_set():
             await asyncio.sleep(period)
+            thread = self._thread
+            if self.state in ("finished", "error") and (thread is None or not thread.is_alive()):
+                # the budget is spent (or training failed), the final commit made: let a
+                # standby server go on
+                await self.lease.release()
+                return
             try:
                 await self.lease.renew()
             except LeaseLost as exc:
