@@ -105,7 +105,7 @@ async def read_json(request: web.Request, model: type[M]) -> M:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    if not raw.strip():
+    if not raw or raw.isspace():  # no stripped copy of a large body
         raise MalformedBody("request body is empty; expected a JSON object")
     if any(c in raw for c in _JSON_CONSTANTS):
         return _validate(model, _parse_stdlib(raw))

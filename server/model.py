@@ -75,14 +75,18 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+_Kind = tuple[bool, bool]  # (greeks, metrics): what a batch computes, and so what it costs
+
+
 @dataclass
 class _Pending:
     contracts: Contracts
+    rows: int  # len(contracts)
     future: asyncio.Future[dict[str, np.ndarray]]
     cost: int  # bytes held against max_inflight_bytes until answered
-    seconds: float  # its estimated pricing time, held against the drain-time estimate
     enqueued: float  # loop time
     deadline: float | None  # loop time past which the answer is no use to the client
+    queued: bool = True  # its rows count as work queued ahead of later requests
 
 
 @dataclass
@@ -94,30 +98,41 @@ class _Queue:
 
 
 class _CostModel:
-    """Pricing time of a batch, seconds = a + b * rows, fitted by least squares over the recent
-    batches (exponential forgetting): `b` prices a request's rows, `a` is the per-batch cost."""
+    """The measured times of the recent batches of one kind, and what they bound.
 
-    def __init__(self, decay: float = 0.9) -> None:
-        self.decay = decay
-        self._s = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
+    More rows never take less time, and a larger batch spreads its fixed cost over more rows,
+    so never costs more per row. Contention (the event loop, the trainer, a GC pause) only ever
+    slows a batch down. So from the fastest recent batches: `rows` rows take at least
+    rows x the per-row time of a batch at least that large, and at least the time of a batch
+    smaller than them. Nothing is extrapolated from small batches to large ones: a least-squares
+    slope over a few noisy small batches, applied to 1,000 rows, refused requests priced in
+    milliseconds (the bound this replaced).
+    """
+
+    def __init__(self, window: int = 32) -> None:
+        self._batches: deque[tuple[int, float]] = deque(maxlen=window)  # (rows, seconds)
 
     def add(self, rows: int, seconds: float) -> None:
-        d, (w, sx, sy, sxx, sxy) = self.decay, self._s
-        x = float(rows)
-        self._s = [d * w + 1, d * sx + x, d * sy + seconds, d * sxx + x * x, d * sxy + x * seconds]
+        if rows > 0:
+            self._batches.append((rows, seconds))
 
-    def coefficients(self) -> tuple[float, float]:
-        w, sx, sy, sxx, sxy = self._s
-        if w == 0.0:
-            return 0.0, 0.0
-        var = w * sxx - sx * sx
-        if var <= 1e-9 * max(1.0, w * sxx):
-            # one batch size so far: fixed and per-row cost cannot be told apart, and taking
-            # it all as per-row would refuse large requests on a few slow single-row passes
-            return 0.0, 0.0
-        b = max(0.0, (w * sxy - sx * sy) / var)
-        a = max(0.0, (sy - b * sx) / w)
-        return a, b
+    def least_seconds(self, rows: int) -> float:
+        """A lower bound of the time `rows` rows take to price (0 with no batch measured)."""
+        if rows <= 0 or not self._batches:
+            return 0.0
+        per_row = min((s / n for n, s in self._batches if n >= rows), default=None)
+        if per_row is not None:
+            return rows * per_row
+        largest = max(n for n, _ in self._batches)
+        return min(s for n, s in self._batches if n == largest)
+
+    def drain_seconds(self, rows: int) -> float:
+        """The time `rows` rows take at the fastest per-row rate of recent batches of their size
+        (of the largest measured, beyond it): an estimate, for Retry-After."""
+        if rows <= 0 or not self._batches:
+            return 0.0
+        size = min(rows, max(n for n, _ in self._batches))
+        return rows * min(s / n for n, s in self._batches if n >= size)
 
 
 @dataclass(frozen=True)
@@ -155,7 +170,9 @@ class ModelService:
         within `max_inflight_bytes`; a request is refused (Overloaded) when it would pass the
         bound, except when nothing is in flight (a lone request cannot starve anyone).
         `deadline_s` is the default time a request may wait for its answer (a request may
-        bring a shorter or longer one); work whose deadline has passed is shed unpriced.
+        bring a shorter or longer one): a request is refused at once when the work ahead of
+        it, at the least time that work can take, passes its deadline, and work whose deadline
+        has passed in the queue is shed unpriced.
 
         Callbacks: `on_batch(stats)` per priced batch, `on_admit(rows_in_flight)` per admitted
         request, `on_reject(reason)` per refusal, `on_load_failure(kind)` per failed model poll
@@ -190,11 +207,13 @@ class ModelService:
         self._busy = False
         self._inflight_bytes = 0
         self._inflight_rows = 0
-        # Pricing time per (greeks, metrics), fitted on the batches priced, and the estimated
-        # seconds of the work in flight: the drain time behind Retry-After and the deadline
-        # admission. No estimate (0 s) for a kind not priced yet.
-        self._costs: dict[tuple[bool, bool], _CostModel] = {}
-        self._inflight_s = 0.0
+        # Measured pricing times per kind, and the work they are applied to: the rows queued
+        # per kind and the batch being priced (kind, rows, loop time it started). They give
+        # the deadline admission (a lower bound of the work ahead) and Retry-After (an
+        # estimate of the drain time). No bound (0 s) for a kind not priced yet.
+        self._costs: dict[_Kind, _CostModel] = {}
+        self._queued_rows: dict[_Kind, int] = {}
+        self._running: tuple[_Kind, int, float] | None = None
         self._pin_task: asyncio.Task[None] | None = None
         self._last_hash: str | None = None
         self.pin_error: str | None = None
@@ -290,6 +309,26 @@ class ModelService:
         }
 
     # ------------------------------------------------------------------ pricing
+    async def resolve(self, version: int | None = None) -> tuple[Loaded[Pricer], ModelInfo]:
+        """The live model, or exactly `version` (NotFound if absent; Unavailable when its blob
+        fails its integrity check; NoModel when nothing is served yet)."""
+        if version is not None:
+            try:
+                loaded = await self.client.load_version(version)
+            except NotFound:
+                raise NotFound(f"model version {version} does not exist") from None
+            except Corrupt:
+                # the store's integrity problem, not the client's: 503 with a reason, logged
+                log.warning("model version failed its integrity check", version=version)
+                raise Unavailable(
+                    f"model version {version} failed its integrity check and cannot be served"
+                ) from None
+            return loaded, self.info(loaded, mode="version")
+        cur = self.client.current
+        if cur is None:
+            raise NoModel(self.client.last_error or "no model version has been committed yet")
+        return cur, self.info(cur)
+
     async def price(
         self,
         contracts: Contracts,
@@ -304,23 +343,7 @@ class ModelService:
         `deadline_s`: how long the caller will wait (default: the service's); Overloaded when
         the work in flight is at its bound or the answer cannot come in time."""
         self.check_admission()
-        if version is not None:
-            try:
-                loaded = await self.client.load_version(version)
-            except NotFound:
-                raise NotFound(f"model version {version} does not exist") from None
-            except Corrupt:
-                # the store's integrity problem, not the client's: 503 with a reason, logged
-                log.warning("model version failed its integrity check", version=version)
-                raise Unavailable(
-                    f"model version {version} failed its integrity check and cannot be served"
-                ) from None
-            info = self.info(loaded, mode="version")
-        else:
-            cur = self.client.current
-            if cur is None:
-                raise NoModel(self.client.last_error or "no model version has been committed yet")
-            loaded, info = cur, self.info(cur)
+        loaded, info = await self.resolve(version)
         # Validate before queueing so one bad request cannot fail a shared batch.
         loaded.value.check_domain(contracts)
         values = await self._submit(
@@ -337,9 +360,23 @@ class ModelService:
     def inflight_rows(self) -> int:
         return self._inflight_rows
 
+    def _work_ahead_s(self, seconds: Callable[[_CostModel, int], float]) -> float:
+        """Seconds of the work queued and being priced, each kind's rows by `seconds`, less the
+        time the batch being priced has run already."""
+        total = 0.0
+        for kind, rows in self._queued_rows.items():
+            if rows and kind in self._costs:
+                total += seconds(self._costs[kind], rows)
+        if self._running is not None:
+            kind, rows, started = self._running
+            if kind in self._costs:
+                ran = asyncio.get_running_loop().time() - started
+                total += max(0.0, seconds(self._costs[kind], rows) - ran)
+        return total
+
     def _retry_after(self) -> int:
         """Whole seconds until the work in flight is priced at the measured rates (>= 1)."""
-        return max(1, math.ceil(self._inflight_s))
+        return max(1, math.ceil(self._work_ahead_s(_CostModel.drain_seconds)))
 
     def _refuse(self, reason: str, detail: str) -> Overloaded:
         if self.on_reject is not None:
@@ -356,9 +393,8 @@ class ModelService:
             )
 
     def _admit(self, pricer: Pricer, rows: int, *, greeks: bool, metrics: bool,
-               deadline_s: float | None) -> tuple[int, float]:
-        """The request's cost (bytes, estimated seconds) once admitted; Overloaded if it may
-        not enter."""
+               deadline_s: float | None) -> int:
+        """The request's cost in bytes once admitted; Overloaded if it may not enter."""
         cost = rows * pricer.row_bytes(greeks=greeks, metrics=metrics)
         if self._inflight_bytes and self._inflight_bytes + cost > self.max_inflight_bytes:
             raise self._refuse(
@@ -366,31 +402,33 @@ class ModelService:
                 f"pricing queue is full: {rows} rows ({cost} bytes) would pass the bound of "
                 f"{self.max_inflight_bytes} bytes with {self._inflight_bytes} bytes in flight",
             )
-        cost_model = self._costs.get((greeks, metrics))
-        a, b = cost_model.coefficients() if cost_model is not None else (0.0, 0.0)
-        seconds = b * rows
-        # Work ahead plus its own (and one batch's fixed cost): a request that could not be
-        # answered in time is refused now, not priced after its client has gone; alone it is
-        # always tried.
-        wait = self._inflight_s + seconds + a
-        if deadline_s is not None and self._inflight_s > 0.0 and wait > deadline_s:
-            raise self._refuse(
-                "deadline",
-                f"the answer would take about {wait * 1e3:.0f} ms at the measured pricing rate "
-                f"({self._inflight_rows} rows ahead), past the deadline of "
-                f"{deadline_s * 1e3:.0f} ms",
-            )
+        if deadline_s is not None:
+            # Refused now, not priced after its client has gone, is only a request that the
+            # work ahead of it (at the least time it can take) would already make late; one
+            # that may come in time is queued, and shed unpriced if its deadline passes there.
+            ahead = self._work_ahead_s(_CostModel.least_seconds)
+            if ahead > deadline_s:
+                raise self._refuse(
+                    "deadline",
+                    f"the work ahead ({self._inflight_rows} rows) takes at least "
+                    f"{ahead * 1e3:.0f} ms at the fastest pricing rate measured, past the "
+                    f"deadline of {deadline_s * 1e3:.0f} ms",
+                )
         self._inflight_bytes += cost
         self._inflight_rows += rows
-        self._inflight_s += seconds
         if self.on_admit is not None:
             self.on_admit(self._inflight_rows)
-        return cost, seconds
+        return cost
 
     def _release(self, p: _Pending) -> None:
         self._inflight_bytes -= p.cost
-        self._inflight_rows -= len(p.contracts)
-        self._inflight_s = max(0.0, self._inflight_s - p.seconds)
+        self._inflight_rows -= p.rows
+
+    def _unqueue(self, q: _Queue, p: _Pending) -> None:
+        """`p` leaves the queue (taken, shed or cancelled): its rows are no longer ahead."""
+        if p.queued:
+            p.queued = False
+            self._queued_rows[(q.greeks, q.metrics)] -= p.rows
 
     # ------------------------------------------------------------------ batching
     async def _submit(
@@ -405,19 +443,22 @@ class ModelService:
         """Continuous batching: an idle pricing thread gets the request at once; while a batch
         is in flight requests queue, and the next batch takes every queued request of the
         oldest key (up to `max_batch_rows`) the moment the thread is free."""
-        cost, seconds = self._admit(
-            pricer, len(contracts), greeks=greeks, metrics=metrics, deadline_s=deadline_s
-        )
+        rows = len(contracts)
+        cost = self._admit(pricer, rows, greeks=greeks, metrics=metrics, deadline_s=deadline_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         fut: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         deadline = None if deadline_s is None else now + deadline_s
-        pending = _Pending(contracts, fut, cost, seconds, now, deadline)
+        pending = _Pending(contracts, rows, fut, cost, now, deadline)
         key = (id(pricer), greeks, metrics)
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(pricer, greeks, metrics)
         q.items.append(pending)
+        kind = (greeks, metrics)
+        self._queued_rows[kind] = self._queued_rows.get(kind, 0) + rows
+        # a caller cancelled while it waits takes its rows out of the work ahead at once
+        fut.add_done_callback(lambda _: self._unqueue(q, pending))
         if not self._busy:
             self._dispatch()
         # A caller cancelled while waiting (client gone, request time-out) cancels `fut` with it;
@@ -433,8 +474,9 @@ class ModelService:
             items: list[_Pending] = []
             rows = 0
             # whole requests, up to max_batch_rows (a larger request goes alone)
-            while q.items and (not items or rows + len(q.items[0].contracts) <= cap):
+            while q.items and (not items or rows + q.items[0].rows <= cap):
                 p = q.items.popleft()
+                self._unqueue(q, p)
                 if p.future.done():  # cancelled by its caller: nothing to answer
                     self._release(p)
                     continue
@@ -449,7 +491,7 @@ class ModelService:
                     )
                     continue
                 items.append(p)
-                rows += len(p.contracts)
+                rows += p.rows
             if not q.items:
                 del self._queues[key]
             else:
@@ -462,11 +504,15 @@ class ModelService:
         taken = self._next_batch()
         if taken is None:
             self._busy = False
+            self._running = None
             return
         self._busy = True
         q, items = taken
         loop = asyncio.get_running_loop()
         now = loop.time()
+        kind = (q.greeks, q.metrics)
+        batch_rows = sum(p.rows for p in items)
+        self._running = (kind, batch_rows, now)
         delays = tuple(now - p.enqueued for p in items)
         if len(items) == 1:
             merged = items[0].contracts
@@ -480,7 +526,8 @@ class ModelService:
 
         def work() -> tuple[dict[str, np.ndarray], float]:
             t0 = time.perf_counter()
-            out = q.pricer.price(merged, greeks=q.greeks, metrics=q.metrics)
+            # every request was checked against the domain before it was queued
+            out = q.pricer.price(merged, greeks=q.greeks, metrics=q.metrics, checked=True)
             return out, time.perf_counter() - t0
 
         cf = loop.run_in_executor(self._executor, work)
@@ -490,19 +537,19 @@ class ModelService:
             res: dict[str, np.ndarray] | None = None
             if exc is None:
                 res, seconds = f.result()
-                self._costs.setdefault((q.greeks, q.metrics), _CostModel()).add(
-                    len(merged), seconds
-                )
+                self._costs.setdefault(kind, _CostModel()).add(batch_rows, seconds)
                 if self.on_batch is not None:
-                    self.on_batch(BatchStats(len(items), len(merged), delays))
-                log.debug("priced batch", requests=len(items), rows=len(merged), s=seconds)
+                    self.on_batch(BatchStats(len(items), batch_rows, delays))
+                log.debug("priced batch", requests=len(items), rows=batch_rows, s=seconds)
             lo = 0
             for p in items:
-                n = len(p.contracts)
+                n = p.rows
                 self._release(p)
                 if not p.future.done():
                     if res is None:
                         p.future.set_exception(exc if exc is not None else RuntimeError())
+                    elif len(items) == 1:
+                        p.future.set_result(res)  # the whole batch is its answer
                     else:
                         p.future.set_result({k: v[lo : lo + n] for k, v in res.items()})
                 lo += n

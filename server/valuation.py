@@ -1,11 +1,12 @@
 """Valuation of instrument books and direct contract pricing: requests, numbers, canonical bytes.
 
-A valuation resolves its market-data key to exactly one snapshot, derives each instrument's
-inputs (S0, T ACT/365, r, d, sigma, each with its source), prices the options on the model
-(`ModelService`, float64 on CPU, batch-invariant) and the forwards in closed form, and answers
-per instrument and in total. Answers are serialised canonically (`storage.documents`: sorted
-keys, no whitespace, shortest round-trip float64, non-finite numbers as null), so the same
-request against the same dataset and model version gives the same bytes.
+A valuation resolves its market-data key to exactly one snapshot, looks up every instrument's
+inputs in one call (`MarketView.book_quotes`: S0, T ACT/365, r, d, sigma, each with its source),
+prices the options on the model (`ModelService`, float64 on CPU, batch-invariant) and the
+forwards in closed form, and answers per instrument and in total, from (n,) columns. Answers
+are serialised canonically (`storage.documents`: sorted keys, no whitespace, shortest
+round-trip float64, non-finite numbers as null), so the same request against the same dataset
+and model version gives the same bytes.
 
 Digital greeks come from the identity digital_call = -dC/dK, digital_put = +dP/dK (exact for
 the COS coefficients too): the autograd greeks of the vanilla are differenced in the strike.
@@ -19,15 +20,20 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from server.errors import FieldError, RequestInvalid
 from server.model import ModelInfo, ModelService, PricedBatch
 from spectral_core.pricer import CONTRACT_FIELDS, GREEKS, Contracts, DomainError
 from storage.marketdata import (
+    BookQuotes,
     Finite,
+    InstrumentQuoteError,
     MarketDataInvalid,
+    MarketDataNotFound,
     MarketDataStore,
+    MarketView,
     Name,
     PositiveFinite,
     Quote,
@@ -213,7 +219,9 @@ def check_price_request(req: PriceRequest, *, limits: Limits) -> None:
         )
 
 
-def _domain_invalid(exc: DomainError, *, path: str, source: str | None = None) -> RequestInvalid:
+def domain_invalid(exc: DomainError, *, path: str, source: str | None = None) -> RequestInvalid:
+    """The 422 for a contract outside the model's domain: the field at `path`, its value (and
+    where it came from) and the trained bounds."""
     name = _INPUT_NAME.get(exc.field, exc.field)
     where = f"[{exc.lower}, {exc.upper}]" if exc.upper is not None else f"> {exc.lower}"
     origin = f" ({source})" if source else ""
@@ -257,7 +265,7 @@ async def price_contracts(
             deadline_s=deadline_s,
         )
     except DomainError as exc:
-        raise _domain_invalid(exc, path=f"contracts.{exc.index}.{exc.field}") from None
+        raise domain_invalid(exc, path=f"contracts.{exc.index}.{exc.field}") from None
     v = batch.values
     rows = _records(PRICE_KEYS, v, n)
     for row, inputs in zip(rows, _records(CONTRACT_FIELDS, columns, n), strict=True):
@@ -278,112 +286,180 @@ async def price_contracts(
 
 # --- valuation ----------------------------------------------------------------------------------
 
+Ints = npt.NDArray[np.intp]
+Floats = npt.NDArray[np.float64]
+
 
 @dataclass(frozen=True)
 class _Inputs:
-    S0: Quote
-    T: Quote
-    r: Quote
-    d: Quote
-    sigma: Quote | None
+    """Every instrument's market inputs in book order, each with its source."""
 
-    def as_json(self) -> dict[str, Any]:
-        out = {"S0": self.S0, "T": self.T, "r": self.r, "d": self.d, "sigma": self.sigma}
-        return {
-            k: {"value": number(q.value), "source": q.source}
-            for k, q in out.items()
-            if q is not None
+    T: list[float]
+    T_source: list[str]
+    quotes: BookQuotes
+
+    def column(self, name: str) -> Floats:
+        """One pricer input (X0, T, r, d or v) of every instrument (n,); v is NaN without a vol."""
+        q = self.quotes
+        n = len(self.T)
+        if name == "T":
+            return np.asarray(self.T, dtype=np.float64)
+        if name == "v":
+            return np.fromiter((math.nan if s is None else s.value for s in q.vol), np.float64, n)
+        column = {"X0": q.spot, "r": q.zero_rate, "d": q.dividend_yield}[name]
+        return np.fromiter((s.value for s in column), np.float64, n)
+
+    def source(self, i: int, name: str) -> str | None:
+        """Where instrument i's input `name` (a reported name: S0, T, r, d, sigma) came from."""
+        if name == "T":
+            return self.T_source[i]
+        q = self.quotes
+        columns: dict[str, Sequence[Quote | None]] = {
+            "S0": q.spot, "r": q.zero_rate, "d": q.dividend_yield, "sigma": q.vol
         }
+        quote = columns[name][i] if name in columns else None
+        return None if quote is None else quote.source
+
+    def as_json(self) -> list[dict[str, Any]]:
+        """Each instrument's echoed inputs. Non-finite values stay floats; the canonical bytes
+        write null."""
+        q = self.quotes
+        rows = [
+            {
+                "S0": {"value": s.value, "source": s.source},
+                "T": {"value": t, "source": ts},
+                "r": {"value": r.value, "source": r.source},
+                "d": {"value": d.value, "source": d.source},
+            }
+            for s, t, ts, r, d in zip(
+                q.spot, self.T, self.T_source, q.zero_rate, q.dividend_yield, strict=True
+            )
+        ]
+        for row, v in zip(rows, q.vol, strict=True):
+            if v is not None:
+                row["sigma"] = {"value": v.value, "source": v.source}
+        return rows
 
 
-def _forward_unit(inp: _Inputs, K: float) -> tuple[float, dict[str, float]]:
-    """Closed form: discounted forward minus discounted strike, and its partial greeks."""
-    S, T, r, d = inp.S0.value, inp.T.value, inp.r.value, inp.d.value
+def _market_inputs(req: ValuationRequest, view: MarketView, expiries: Sequence[str]) -> _Inputs:
+    """T (ACT/365) and the book's quotes in one `book_quotes` call; its errors as the API
+    answers them (404 or 422 from market data, 422 naming an instrument whose vol cannot be
+    read)."""
+    vdt = req.val_datetime
+    insts = req.instruments
+    T = [year_fraction_act365(start=vdt, end=inst.expiry) for inst in insts]
+    try:
+        quotes = view.book_quotes(
+            underlyings=[inst.underlying for inst in insts],
+            T=T,
+            K=[inst.strike for inst in insts],
+            need_vol=[inst.type in MODEL_TYPES for inst in insts],
+        )
+    except InstrumentQuoteError as e:
+        if isinstance(e.error, (MarketDataNotFound, MarketDataInvalid)):
+            raise e.error from None
+        # A log-moneyness surface is read at ln(K / F), F = S exp((r - d) T): for a far
+        # expiry on a steep curve, or an extreme strike, F or K / F leaves the float range.
+        inst = insts[e.index]
+        raise RequestInvalid(
+            [
+                FieldError(
+                    f"instruments.{e.index}",
+                    f"no vol can be read off the {inst.underlying} log-moneyness surface at "
+                    f"strike {inst.strike!r}, T = {T[e.index]!r}: ln(K/F) is outside the float "
+                    f"range ({e.error})",
+                )
+            ],
+            "instrument inputs out of range",
+        ) from None
+    vdt_text = format_utc(vdt)
+    T_source = [f"ACT/365 from val_datetime {vdt_text} to expiry {x}" for x in expiries]
+    return _Inputs(T, T_source, quotes)
+
+
+def _forward_unit(S: float, T: float, r: float, d: float, K: float) -> tuple[float, list[float]]:
+    """Closed form: discounted forward minus discounted strike, and its greeks in GREEKS order.
+
+    math.exp per instrument on purpose: numpy's vectorised exp may differ from libm's in the
+    last ulp, and the answer's bytes must not change."""
     df = exp(-r * T)
     fwd = S * exp((r - d) * T)
     price = df * fwd - df * K
     carry = S * exp(-d * T)
-    greeks = {
-        "delta": exp(-d * T),
-        "gamma": 0.0,
-        "vega": 0.0,
-        # theta = -dPV/dT at fixed r and d, the pricer's convention
-        "theta": d * carry - r * K * df,
-        "rho": T * K * df,
-    }
-    return price, greeks
+    # delta, gamma, vega, theta (-dPV/dT at fixed r and d, the pricer's convention), rho
+    return price, [exp(-d * T), 0.0, 0.0, d * carry - r * K * df, T * K * df]
 
 
 @dataclass(frozen=True)
 class _Rows:
-    """Model rows of one valuation: row j prices instrument owner[j]; bumps for digital greeks."""
+    """Model rows of one valuation: row j prices instrument owner[j]; main[i] is instrument i's
+    row, up[i] and down[i] its strike-bumped rows for digital greeks (-1: none)."""
 
     contracts: Contracts
-    owner: list[int]
-    main: dict[int, int]  # instrument index -> its row
-    bumps: dict[int, tuple[int, int]]  # digital instrument index -> (row K up, row K down)
+    owner: Ints  # (m,)
+    main: Ints  # (n,)
+    up: Ints  # (n,)
+    down: Ints  # (n,)
 
 
-def _model_rows(
-    instruments: Sequence[Instrument], inputs: Sequence[_Inputs], *, greeks: bool
-) -> _Rows:
-    cols: dict[str, list[float]] = {n: [] for n in CONTRACT_FIELDS}
-    owner: list[int] = []
-    main: dict[int, int] = {}
-    bumps: dict[int, tuple[int, int]] = {}
-
-    def add(i: int, K: float) -> int:
-        inp = inputs[i]
-        assert inp.sigma is not None
-        for name, value in (
-            ("X0", inp.S0.value),
-            ("K", K),
-            ("T", inp.T.value),
-            ("r", inp.r.value),
-            ("d", inp.d.value),
-            ("v", inp.sigma.value),
-        ):
-            cols[name].append(value)
-        owner.append(i)
-        return len(owner) - 1
-
-    for i, inst in enumerate(instruments):
-        if inst.type not in MODEL_TYPES:
-            continue
-        main[i] = add(i, inst.strike)
+def _model_rows(types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs, *, greeks: bool) -> _Rows:
+    """The contracts to price: one row per option in book order, then (with greeks) an up and a
+    down strike bump per digital."""
+    n = types.shape[0]
+    main_of = np.flatnonzero(np.isin(types, sorted(MODEL_TYPES)))  # (m0,)
+    m0 = main_of.size
+    main, up, down = (np.full(n, -1, dtype=np.intp) for _ in range(3))
+    main[main_of] = np.arange(m0)
+    owner, strikes = main_of, K[main_of]
     if greeks:
-        for i, inst in enumerate(instruments):
-            if inst.type.startswith("digital_"):
-                h = DIGITAL_GREEK_BUMP * inst.strike
-                up, down = inst.strike + h, inst.strike - h
-                # No slope where the bump vanishes (subnormal strike) or overflows: null greeks.
-                if math.isfinite(up) and 0.0 < down < up:
-                    bumps[i] = (add(i, up), add(i, down))
-    return _Rows(Contracts.from_columns(cols), owner, main, bumps)
+        digital = np.flatnonzero((types == "digital_call") | (types == "digital_put"))
+        k = K[digital]
+        with np.errstate(over="ignore"):
+            h = DIGITAL_GREEK_BUMP * k
+            k_up, k_down = k + h, k - h
+        # No slope where the bump vanishes (subnormal strike) or overflows: null greeks.
+        ok = np.isfinite(k_up) & (k_down > 0.0) & (k_down < k_up)
+        bumped = digital[ok]
+        first = m0 + 2 * np.arange(bumped.size)
+        up[bumped], down[bumped] = first, first + 1
+        owner = np.concatenate([main_of, np.repeat(bumped, 2)])
+        strikes = np.concatenate([strikes, np.column_stack([k_up[ok], k_down[ok]]).ravel()])
+    cols = {name: inputs.column(name)[owner] for name in CONTRACT_FIELDS if name != "K"}
+    contracts = Contracts.from_columns({**cols, "K": strikes})
+    return _Rows(contracts, owner, main, up, down)
 
 
-def _option_greeks(
-    inst: Instrument, i: int, rows: _Rows, values: Mapping[str, np.ndarray]
-) -> dict[str, float]:
-    j = rows.main[i]
-    if inst.type in ("european_call", "european_put"):
-        kind = "call" if inst.type == "european_call" else "put"
-        return {g: float(values[f"{kind}_{g}"][j]) for g in GREEKS}
-    if i not in rows.bumps:
-        return dict.fromkeys(GREEKS, math.nan)
-    up, down = rows.bumps[i]
-    dK = float(rows.contracts.K[up] - rows.contracts.K[down])
+def _unit_columns(
+    types: npt.NDArray[np.str_], rows: _Rows, values: Mapping[str, Floats], *, greeks: bool
+) -> tuple[Floats, dict[str, Floats]]:
+    """Each option's unit price and unit greeks off the model rows, (n,) columns; NaN for the
+    forwards (closed form, filled in by the caller) and for digitals without a strike bump."""
+    n = types.shape[0]
+    unit = np.full(n, math.nan)
+    unit_greeks = {g: np.full(n, math.nan) for g in GREEKS} if greeks else {}
+    if not rows.owner.size:
+        return unit, unit_greeks
+    for t, key in _UNIT_PRICE_KEY.items():
+        sel = np.flatnonzero(types == t)
+        unit[sel] = values[key][rows.main[sel]]
+    if not greeks:
+        return unit, unit_greeks
+    for t, kind in (("european_call", "call"), ("european_put", "put")):
+        sel = np.flatnonzero(types == t)
+        for g in GREEKS:
+            unit_greeks[g][sel] = values[f"{kind}_{g}"][rows.main[sel]]
+    K = rows.contracts.K
     # digital_call = -dC/dK, digital_put = +dP/dK, so each greek is the K-slope of the vanilla's.
-    kind, sign = ("call", -1.0) if inst.type == "digital_call" else ("put", 1.0)
-    return {
-        # Python floats: inf - inf is NaN (a null greek) without a numpy RuntimeWarning.
-        g: sign * (float(values[f"{kind}_{g}"][up]) - float(values[f"{kind}_{g}"][down])) / dK
-        for g in GREEKS
-    }
-
-
-def _greeks_json(greeks: Mapping[str, float], scale: float = 1.0) -> dict[str, float | None]:
-    return {g: number(scale * greeks[g]) for g in GREEKS}
+    for t, kind, sign in (("digital_call", "call", -1.0), ("digital_put", "put", 1.0)):
+        sel = np.flatnonzero((types == t) & (rows.up >= 0))
+        up, down = rows.up[sel], rows.down[sel]
+        dK = K[up] - K[down]
+        # inf - inf is NaN, a null greek: IEEE arithmetic as Python floats do it, unwarned.
+        with np.errstate(invalid="ignore", over="ignore"):
+            for g in GREEKS:
+                v = values[f"{kind}_{g}"]
+                unit_greeks[g][sel] = sign * (v[up] - v[down]) / dK
+    return unit, unit_greeks
 
 
 async def value_book(
@@ -402,104 +478,21 @@ async def value_book(
     stored = await marketdata.resolve(
         namespace=req.valuation_namespace, val_datetime=req.val_datetime, data_asof=req.data_asof
     )
-    view = stored.view()
-    vdt_text = format_utc(req.val_datetime)
-    inputs: list[_Inputs] = []
-    for i, inst in enumerate(req.instruments):
-        T = year_fraction_act365(start=req.val_datetime, end=inst.expiry)
-        tq = Quote(T, f"ACT/365 from val_datetime {vdt_text} to expiry {format_utc(inst.expiry)}")
-        try:
-            sigma = view.vol(inst.underlying, T, inst.strike) if inst.type in MODEL_TYPES else None
-        except MarketDataInvalid:
-            raise
-        except (ArithmeticError, ValueError) as exc:
-            # A log-moneyness surface is read at ln(K / F), F = S exp((r - d) T): for a far
-            # expiry on a steep curve, or an extreme strike, F or K / F leaves the float range.
-            raise RequestInvalid(
-                [
-                    FieldError(
-                        f"instruments.{i}",
-                        f"no vol can be read off the {inst.underlying} log-moneyness surface at "
-                        f"strike {inst.strike!r}, T = {T!r}: ln(K/F) is outside the float range "
-                        f"({exc})",
-                    )
-                ],
-                "instrument inputs out of range",
-            ) from None
-        inputs.append(
-            _Inputs(
-                S0=view.spot(inst.underlying),
-                T=tq,
-                r=view.zero_rate(T),
-                d=view.dividend_yield(inst.underlying, T),
-                sigma=sigma,
-            )
-        )
-
-    rows = _model_rows(req.instruments, inputs, greeks=req.greeks)
-    values: Mapping[str, np.ndarray] = {}
-    info: ModelInfo | None = None
-    if rows.owner:
-        try:
-            batch: PricedBatch = await model.price(
-                rows.contracts,
-                version=req.model_version,
-                greeks=req.greeks,
-                metrics=req.metrics,
-                deadline_s=deadline_s,
-            )
-        except DomainError as exc:
-            i = rows.owner[exc.index]
-            name = _INPUT_NAME.get(exc.field, exc.field)
-            quote = getattr(inputs[i], name, None)
-            source = quote.source if isinstance(quote, Quote) else None
-            raise _domain_invalid(exc, path=f"instruments.{i}.{name}", source=source) from None
-        values, info = batch.values, batch.model
-    metric_keys = _metric_keys(values) if req.metrics and values else []
-
-    out_rows: list[dict[str, Any]] = []
-    prices: list[float] = []
-    total_greeks: dict[str, list[float]] = {g: [] for g in GREEKS}
-    for i, inst in enumerate(req.instruments):
-        q = inst.quantity
-        if inst.type == "forward":
-            unit, unit_greeks = _forward_unit(inputs[i], inst.strike)
-            metrics_json: dict[str, Any] | None = None
-        else:
-            j = rows.main[i]
-            unit = float(values[_UNIT_PRICE_KEY[inst.type]][j])
-            unit_greeks = _option_greeks(inst, i, rows, values) if req.greeks else {}
-            metrics_json = {k: number(values[k][j]) for k in metric_keys}
-        row: dict[str, Any] = {
-            "id": inst.id,
-            "type": inst.type,
-            "underlying": inst.underlying,
-            "strike": inst.strike,
-            "expiry": format_utc(inst.expiry),
-            "quantity": q,
-            "unit_price": number(unit),
-            "price": number(q * unit),
-            "inputs": inputs[i].as_json(),
-            "priced_by": "model" if inst.type in MODEL_TYPES else "closed_form",
-        }
-        prices.append(q * unit)
-        if req.greeks:
-            row["unit_greeks"] = _greeks_json(unit_greeks)
-            row["greeks"] = _greeks_json(unit_greeks, q)
-            for g in GREEKS:
-                total_greeks[g].append(q * unit_greeks[g])
-        if req.metrics:
-            row["metrics"] = metrics_json
-        out_rows.append(row)
-
-    # fsum is exactly rounded, so the totals do not depend on summation order.
-    totals: dict[str, Any] = {"price": number(total(prices)), "instruments": len(out_rows)}
-    if req.greeks:
-        totals["greeks"] = {g: number(total(total_greeks[g])) for g in GREEKS}
+    insts = req.instruments
+    n = len(insts)
+    expiries = [format_utc(inst.expiry) for inst in insts]
+    inputs = _market_inputs(req, stored.view(), expiries)
+    types = np.asarray([inst.type for inst in insts])  # (n,) str
+    K = np.fromiter((inst.strike for inst in insts), np.float64, n)
+    rows = _model_rows(types, K, inputs, greeks=req.greeks)
+    values, info = await _price_rows(req, rows, inputs, model=model, deadline_s=deadline_s)
+    unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks)
+    _price_forwards(req, inputs, rows, unit, unit_greeks)
+    out_rows, totals = _answers(req, expiries, inputs, rows, unit, unit_greeks, values)
     snap = stored.snapshot
     return {
         "valuation_namespace": req.valuation_namespace,
-        "val_datetime": vdt_text,
+        "val_datetime": format_utc(req.val_datetime),
         "data_asof": format_utc(req.data_asof),
         "dataset": {
             "key": stored.key,
@@ -512,6 +505,110 @@ async def value_book(
         "instruments": out_rows,
         "totals": totals,
     }
+
+
+async def _price_rows(
+    req: ValuationRequest,
+    rows: _Rows,
+    inputs: _Inputs,
+    *,
+    model: ModelService,
+    deadline_s: float | None,
+) -> tuple[Mapping[str, Floats], ModelInfo | None]:
+    """The model's outputs for the rows (none without options); a row outside the domain is a
+    422 naming its instrument's input and where it came from."""
+    if not rows.owner.size:
+        return {}, None
+    try:
+        batch: PricedBatch = await model.price(
+            rows.contracts,
+            version=req.model_version,
+            greeks=req.greeks,
+            metrics=req.metrics,
+            deadline_s=deadline_s,
+        )
+    except DomainError as exc:
+        i = int(rows.owner[exc.index])
+        name = _INPUT_NAME.get(exc.field, exc.field)
+        path = f"instruments.{i}.{name}"
+        raise domain_invalid(exc, path=path, source=inputs.source(i, name)) from None
+    return batch.values, batch.model
+
+
+def _price_forwards(
+    req: ValuationRequest,
+    inputs: _Inputs,
+    rows: _Rows,
+    unit: Floats,
+    unit_greeks: dict[str, Floats],
+) -> None:
+    """Fill in the forwards' unit prices (and greeks), in closed form, one by one (math.exp)."""
+    q = inputs.quotes
+    for i in np.flatnonzero(rows.main < 0).tolist():
+        S, r, d = q.spot[i].value, q.zero_rate[i].value, q.dividend_yield[i].value
+        unit[i], forward_greeks = _forward_unit(S, inputs.T[i], r, d, req.instruments[i].strike)
+        if req.greeks:
+            for g, x in zip(GREEKS, forward_greeks, strict=True):
+                unit_greeks[g][i] = x
+
+
+def _answers(
+    req: ValuationRequest,
+    expiries: Sequence[str],
+    inputs: _Inputs,
+    rows: _Rows,
+    unit: Floats,
+    unit_greeks: dict[str, Floats],
+    values: Mapping[str, Floats],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each instrument's answer and the book's totals, from the (n,) columns."""
+    insts = req.instruments
+    n = len(insts)
+    quantity = np.fromiter((inst.quantity for inst in insts), np.float64, n)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are null answers
+        price = quantity * unit
+        scaled = {g: quantity * unit_greeks[g] for g in unit_greeks}
+    # Values stay floats (tolist): the canonical bytes write a non-finite one as null.
+    out_rows: list[dict[str, Any]] = [
+        {
+            "id": inst.id,
+            "type": inst.type,
+            "underlying": inst.underlying,
+            "strike": inst.strike,
+            "expiry": expiry,
+            "quantity": inst.quantity,
+            "unit_price": u,
+            "price": p,
+            "inputs": echoed,
+            "priced_by": "model" if j >= 0 else "closed_form",
+        }
+        for inst, expiry, u, p, echoed, j in zip(
+            insts, expiries, unit.tolist(), price.tolist(), inputs.as_json(),
+            rows.main.tolist(), strict=True,
+        )
+    ]
+    # fsum is exactly rounded, so the totals do not depend on summation order.
+    totals: dict[str, Any] = {"price": number(total(price.tolist())), "instruments": n}
+    if req.greeks:
+        per_unit, per_position = _records(GREEKS, unit_greeks, n), _records(GREEKS, scaled, n)
+        for row, ug, pg in zip(out_rows, per_unit, per_position, strict=True):
+            row["unit_greeks"], row["greeks"] = ug, pg
+        totals["greeks"] = {g: number(total(scaled[g].tolist())) for g in GREEKS}
+    if req.metrics:
+        _attach_metrics(out_rows, rows, values)
+    return out_rows, totals
+
+
+def _attach_metrics(
+    out_rows: list[dict[str, Any]], rows: _Rows, values: Mapping[str, Floats]
+) -> None:
+    """Each option's distribution metrics off its model row; null for a forward."""
+    keys = _metric_keys(values) if values else []
+    n = len(out_rows)
+    at = np.maximum(rows.main, 0)  # a forward reads row 0, then gets null
+    metrics = _records(keys, {k: values[k][at] for k in keys}, n)
+    for row, m, j in zip(out_rows, metrics, rows.main.tolist(), strict=True):
+        row["metrics"] = m if j >= 0 else None
 
 
 def request_json(req: BaseModel) -> dict[str, Any]:
@@ -529,6 +626,7 @@ __all__ = [
     "check_book",
     "check_price_request",
     "check_valuation_request",
+    "domain_invalid",
     "price_contracts",
     "request_json",
     "value_book",

@@ -120,6 +120,11 @@ class Pricer:
         self.greek_names: tuple[str, ...] = (
             "delta", "gamma", *self.process.model_greeks, "theta", "rho"
         )
+        # (request field, lower, upper) of each field checked against the trained domain
+        self._bounds: tuple[tuple[str, float, float], ...] = tuple(
+            (name, config.domain.bounds(param).lower, config.domain.bounds(param).upper)
+            for name, param in self._domain_field.items()
+        )
         self.device = torch.device(device)
         self.reproducible = reproducible
         dtype = torch.complex128 if reproducible else torch.complex64
@@ -184,18 +189,16 @@ class Pricer:
         """Raise DomainError naming the first contract field outside the trained domain."""
         for name in ("X0", "K"):
             arr = getattr(c, name)
-            bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
-            if bad.size:
-                i = int(bad[0])
+            ok = np.isfinite(arr) & (arr > 0)
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
                 raise DomainError(name, i, float(arr[i]), 0.0, None)
-        dom = self.config.domain
-        for name, param in self._domain_field.items():
+        for name, lower, upper in self._bounds:
             arr = getattr(c, name)
-            bounds = dom.bounds(param)
-            bad = np.flatnonzero(~((arr >= bounds.lower) & (arr <= bounds.upper)))
-            if bad.size:
-                i = int(bad[0])
-                raise DomainError(name, i, float(arr[i]), bounds.lower, bounds.upper)
+            ok = (arr >= lower) & (arr <= upper)  # NaN fails both
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise DomainError(name, i, float(arr[i]), lower, upper)
 
     # ------------------------------------------------------------------ network
     def spectrum(self, theta: torch.Tensor) -> torch.Tensor:
@@ -233,17 +236,23 @@ class Pricer:
         greeks: bool = False,
         metrics: bool = False,
         digitals: bool = True,
+        checked: bool = False,
     ) -> dict[str, np.ndarray]:
         """Put/call prices, intrinsic and convexity; greeks and distribution metrics on request.
 
         intrinsic = e^{-rT} max(K - F, 0) (put) and e^{-rT} max(F - K, 0) (call) with F the forward;
         convexity = price - intrinsic (>= 0 for an arbitrage-free model).
+
+        Contracts outside the trained domain raise DomainError (`check_domain`); `checked=True`
+        says the caller has run `check_domain` on them already (a serving queue checks each
+        request before it batches them), and it is not run twice.
         """
         missing = [n for n in self.contract_fields if n not in contracts.fields]
         if missing:
             raise ValueError(f"missing contract field {missing[0]!r} for a {self.process.name} "
                              f"model (fields {list(self.contract_fields)})")
-        self.check_domain(contracts)
+        if not checked:
+            self.check_domain(contracts)
         dev = self.device
         col = {
             n: torch.as_tensor(getattr(contracts, n), dtype=torch.float64, device=dev)

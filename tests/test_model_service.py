@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -124,16 +125,90 @@ async def test_work_past_its_deadline_is_shed_unpriced() -> None:
 
 async def test_deadline_admission_uses_the_measured_pricing_time() -> None:
     async with serving() as service:
-        for n in (1, 64, 256):  # the cost model learns seconds = a + b * rows
+        for n in (1, 64, 256):  # measured batch times bound what the work ahead can take
             await service.price(contracts(n, n))
         release = hold_pricing_thread(service)
         ahead = asyncio.ensure_future(service.price(contracts(2000, 5)))
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="past the deadline") as refused:
-            await service.price(contracts(10, 6), deadline_s=1e-6)
+            # admitted, it would wait on the held thread: time out rather than hang
+            await asyncio.wait_for(service.price(contracts(10, 6), deadline_s=1e-6), 10.0)
         assert refused.value.reason == "deadline"
         await drain(service, release)
         assert (await ahead).values["put"].shape == (2000,)
+
+
+def slow_batches_of(service: ModelService, rows: int, seconds: float) -> None:
+    """Make the live pricer's batches of exactly `rows` rows take `seconds` longer, as a batch
+    does when the event loop, the trainer or a GC pause holds the CPU; it still prices them."""
+    pricer = service.client.current.value  # type: ignore[union-attr]
+    price = pricer.price
+
+    def slowed(c: Contracts, **options: Any) -> dict[str, np.ndarray]:
+        if len(c) == rows:
+            time.sleep(seconds)
+        return price(c, **options)
+
+    pricer.price = slowed  # type: ignore[method-assign]
+
+
+async def test_large_requests_are_not_refused_on_a_slope_fitted_to_small_batches() -> None:
+    """Four concurrent 1,000-row requests (default deadline 5 s) after a few small batches, one
+    of them slowed: a fit of seconds = a + b * rows made that noise a per-row cost of 20 ms,
+    estimated each request at 20 s and refused three of the four, which are priced in
+    milliseconds. Refused on estimate is only work that cannot come in time behind what is
+    already queued."""
+    rejected: list[str] = []
+    async with serving(deadline_s=5.0, on_reject=rejected.append) as service:
+        slow_batches_of(service, rows=2, seconds=0.02)
+        for n in (1, 2, 1, 2):
+            await service.price(contracts(n, n))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        books = [contracts(1000, seed) for seed in range(4)]
+        answers = await asyncio.gather(*(service.price(b) for b in books), return_exceptions=True)
+        assert rejected == [] and not any(isinstance(a, BaseException) for a in answers), answers
+        assert loop.time() - t0 < 5.0
+        assert service.inflight_rows == 0 and service._inflight_bytes == 0
+
+
+async def test_deadline_refusal_weighs_the_work_ahead_at_its_least_time() -> None:
+    async with serving() as service:
+        slow_batches_of(service, rows=500, seconds=0.3)
+        await service.price(contracts(500, 1))  # 500 rows measured at >= 0.3 s
+        release = hold_pricing_thread(service)
+        ahead = asyncio.ensure_future(service.price(contracts(500, 2)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="takes at least") as refused:
+            await asyncio.wait_for(service.price(contracts(10, 3), deadline_s=0.1), 10.0)
+        assert refused.value.reason == "deadline" and refused.value.retry_after_s >= 1
+        # 0.3 s ahead and 0.5 s to wait: it may come in time, so it is queued, not refused
+        patient = asyncio.ensure_future(service.price(contracts(500, 4), deadline_s=0.5))
+        await asyncio.sleep(0)
+        assert not patient.done()
+        await drain(service, release)
+        assert (await ahead).values["put"].shape == (await patient).values["put"].shape
+        assert service._queued_rows == {(False, False): 0} and service._running is None
+
+
+async def test_each_request_is_checked_against_the_domain_once() -> None:
+    """Checked before it is queued (so a bad request fails alone), not again in the batch."""
+    async with serving() as service:
+        pricer = service.client.current.value  # type: ignore[union-attr]
+        check, calls = pricer.check_domain, []
+
+        def counted(c: Contracts) -> None:
+            calls.append(len(c))
+            check(c)
+
+        pricer.check_domain = counted  # type: ignore[method-assign]
+        await asyncio.gather(service.price(contracts(3, 1)), service.price(contracts(5, 2)))
+        assert sorted(calls) == [3, 5]
+        bad = contracts(2, 3)
+        bad.T[1] = 50.0
+        with pytest.raises(DomainError, match=r"contracts\[1\]\.T = 50\.0") as refused:
+            await service.price(bad)
+        assert (refused.value.lower, refused.value.upper) == (0.02, 5.0)
 
 
 async def test_bad_requests_fail_alone_and_errors_name_the_cause() -> None:

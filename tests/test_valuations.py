@@ -14,7 +14,13 @@ import pytest
 from server.keys import CHAIN_KEY, MODEL_KEY
 from spectral_core.pricer import GREEKS
 from storage.localstore import LocalStore
-from storage.marketdata import year_fraction_act365
+from storage.marketdata import (
+    InstrumentQuoteError,
+    MarketDataInvalid,
+    MarketDataNotFound,
+    MarketView,
+    year_fraction_act365,
+)
 from tests.server_fixtures import (
     NOW,
     VDT,
@@ -296,6 +302,42 @@ async def test_bad_instruments_are_422_with_the_path(
     assert [f["path"] for f in body["fields"]] == [path]
     assert needle in body["fields"][0]["reason"]
     check_schema(body, "Error")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "path"),
+    [
+        (MarketDataNotFound("vol_surface 'SPX' is not in snapshot eod"), 404, None),
+        (MarketDataInvalid("K", "strike must be finite and > 0, got nan"), 422, "K"),
+        (OverflowError("math range error"), 422, "instruments.3"),
+        (ValueError("math domain error"), 422, "instruments.3"),
+    ],
+)
+async def test_an_instruments_market_data_error_keeps_its_answer(
+    ready: tuple[Client, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    status: int,
+    path: str | None,
+) -> None:
+    """The book's quotes come from one book_quotes call; an error of instrument 3 answers as
+    the per-instrument lookups did: market data's own 404 and 422, else a 422 naming it."""
+    client, _ = ready
+
+    def failing(self: MarketView, **_: Any) -> None:
+        raise InstrumentQuoteError(3, error) from error
+
+    monkeypatch.setattr(MarketView, "book_quotes", failing)
+    body = await value(client, request(), status=status)
+    check_schema(body, "Error")
+    if path is None:
+        assert body["error"] == "not_found" and body["detail"] == str(error)
+    else:
+        assert [f["path"] for f in body["fields"]] == [path]
+    if path == "instruments.3":
+        reason = body["fields"][0]["reason"]
+        assert "no vol can be read off the SPX log-moneyness surface at strike 90.0" in reason
+        assert reason.endswith(f"({error})")
 
 
 @pytest.mark.parametrize(
