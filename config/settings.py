@@ -45,6 +45,8 @@ class ServerSettings(_Group):
     shutdown_timeout_s: float = Field(default=30.0, ge=0.0)
     # A market-data write may run ahead of the server clock by this much (clock skew), no more.
     max_future_data_asof_s: float = Field(default=300.0, ge=0.0)
+    # POST /v1/scenarios: samples per request (each is a float in the answer, ~20 bytes)
+    max_scenario_samples: int = Field(default=100_000, ge=1, le=10_000_000)
 
 
 class StoreSettings(_Group):

@@ -22,6 +22,7 @@ from server.keys import (
     MODEL_KEY,
     MODEL_READY_KEY,
     REGISTRY_KEY,
+    SCENARIOS_KEY,
     SETTINGS_KEY,
     STORE_KEY,
     WORKER_KEY,
@@ -34,6 +35,7 @@ from server.metrics import Metrics, metrics_middleware
 from server.model import BatchStats, ModelInfo, ModelService, NoModel, Overloaded
 from server.retention import RETENTION_KEY, build_retention, retention_ctx
 from server.routes import setup_routes
+from server.scenarios import ScenarioSampler
 from server.worker import TrainingWorker
 from storage.chain import VersionChain, VersionRecord
 from storage.marketdata import MarketDataStore
@@ -239,6 +241,9 @@ def create_app(
     chain = VersionChain(store, clock=clock, retry=NO_RETRY if owned else None)
     app[CHAIN_KEY] = chain
     app[MODEL_KEY] = _model_service(settings, chain, metrics)
+    app[SCENARIOS_KEY] = ScenarioSampler(
+        app[MODEL_KEY], max_samples=settings.server.max_scenario_samples
+    )
     app.cleanup_ctx.append(_close_store(store, owned=owned))
     app[WORKER_KEY] = (
         TrainingWorker(settings, chain, metrics,

@@ -1,0 +1,171 @@
+"""bench.scenarios: are `/v1/scenarios` samples draws from the simulator's law?
+
+For `--contracts` held-out contracts (bench.common.held_out_contracts, seed fixed), ask the real
+app over loopback for `--samples` draws of S_T and draw as many fresh Monte-Carlo samples from
+the training simulator (the process's numba kernel and scheme, fresh normals); a two-sample
+Kolmogorov-Smirnov test (scipy.stats.ks_2samp) compares them. A perfect model gives p-values
+uniform on [0, 1]: mean 0.5, 1% of them below 0.01.
+
+The model: `--store DIR` serves the served (promoted) version of an existing local store (e.g. the
+one `bench.continuous --workdir` kept); without it, the bench trains the default config for
+`--seconds` in-process and commits that.
+
+    python -m bench.scenarios [--model bs] [--store DIR | --seconds S] [--contracts 50]
+        [--samples 10000] [--seed 1]
+
+Output: one JSON line with ks_p_mean, ks_p_frac_below_0_01, sample_ms_p50 (per request,
+end to end), the served version, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp.test_utils import TestServer
+from scipy import stats
+
+from bench.common import emit, held_out_contracts
+from config.settings import (
+    LoggingSettings,
+    ModelSettings,
+    ServerSettings,
+    Settings,
+    StoreSettings,
+    TrainingSettings,
+)
+from server.app import create_app
+from server.logging import configure_logging
+from spectral_core.config import CoreConfig
+from spectral_core.processes.gbm import simulate_log_returns
+from spectral_core.trainer import Trainer
+from storage.chain import VersionChain
+from storage.localstore import LocalStore
+from storage.promotion import SERVING_REF
+
+MODELS = {"bs": "gbm"}
+
+
+def log(msg: str) -> None:
+    print(f"[scenarios] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+
+
+async def train_store(store_dir: Path, seconds: float) -> None:
+    """Train the default config for `seconds` and commit it as the served version."""
+    chain = VersionChain(LocalStore(store_dir))
+    trainer = Trainer(CoreConfig(device="cpu"))
+    try:
+        log(f"training the default model for {seconds:g} s")
+        await asyncio.to_thread(trainer.train, seconds=seconds)
+        record = await chain.commit(trainer.snapshot(), message="bench.scenarios",
+                                    quality=trainer.quality().as_dict())
+        await chain.set_ref(SERVING_REF, record.counter, actor="bench", action="promote")
+    finally:
+        trainer.close()
+
+
+def mc_samples(cols: dict[str, np.ndarray], i: int, n: int, config: CoreConfig,
+               seed: int) -> np.ndarray:
+    """n fresh S_T from the GBM training simulator (its scheme and step count)."""
+    theta = np.array([[cols["T"][i], cols["r"][i], cols["d"][i], cols["v"][i]]])
+    z = np.random.default_rng([seed, i]).standard_normal((1, n, config.sim.timesteps))
+    x = simulate_log_returns(theta, z, scheme=config.sim.scheme,
+                             moment_matching=config.sim.moment_matching,
+                             cap_bytes=config.memory.paths_bytes)
+    return cols["X0"][i] * np.exp(x[0])
+
+
+async def run(args: argparse.Namespace, store_dir: Path) -> dict[str, Any]:
+    config = CoreConfig(device="cpu")
+    settings = Settings(
+        server=ServerSettings(max_scenario_samples=max(args.samples, 1)),
+        store=StoreSettings(url=f"file://{store_dir}"),
+        training=TrainingSettings(enabled=False),
+        model=ModelSettings(poll_interval_s=1.0),
+    )
+    cols = held_out_contracts(args.contracts, config.domain, seed=20261203)
+    p_values: list[float] = []
+    latencies: list[float] = []
+    version = None
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = str(server.make_url("/v1/scenarios"))
+            for i in range(args.contracts):
+                body = {
+                    "contract": {k: float(cols[k][i]) for k in ("X0", "T", "r", "d", "v")},
+                    "n": args.samples,
+                    "seed": args.seed + i,
+                }
+                t0 = time.perf_counter()
+                async with session.post(url, json=body) as resp:
+                    answer = await resp.json()
+                    if resp.status != 200:
+                        raise RuntimeError(f"/v1/scenarios answered {resp.status}: {answer}")
+                latencies.append(time.perf_counter() - t0)
+                version = answer["model"]["counter"]
+                learned = np.asarray(answer["samples"], dtype=np.float64)
+                mc = mc_samples(cols, i, args.samples, config, args.seed)
+                p_values.append(float(stats.ks_2samp(learned, mc).pvalue))
+    finally:
+        await server.close()
+    p = np.asarray(p_values)
+    return {
+        "bench": "scenarios",
+        "model": args.model,
+        "contracts": args.contracts,
+        "samples": args.samples,
+        "ks_p_mean": round(float(p.mean()), 4),
+        "ks_p_frac_below_0_01": round(float(np.mean(p < 0.01)), 4),
+        "ks_p_min": float(p.min()),
+        "sample_ms_p50": round(float(np.median(latencies)) * 1e3, 2),
+        "version": version,
+        "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scenarios", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bs", choices=["bs", "heston", "bates"])
+    parser.add_argument("--store", type=Path, default=None,
+                        help="an existing local store directory to serve (default: train one)")
+    parser.add_argument("--seconds", type=float, default=300.0,
+                        help="training time when no --store is given")
+    parser.add_argument("--contracts", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.model not in MODELS:
+        parser.exit(2, f"bench.scenarios: the service does not yet serve {args.model} "
+                       "(only bs, the gbm process)\n")
+    if args.contracts < 1 or args.samples < 2 or args.seconds <= 0:
+        parser.exit(2, "bench.scenarios: --contracts >= 1, --samples >= 2, --seconds > 0\n")
+    # the app's logs to stderr, warnings and up: stdout holds the result line alone
+    configure_logging(LoggingSettings(level="WARNING", format="json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = args.store
+        if store_dir is None:
+            store_dir = Path(tmp) / "store"
+            asyncio.run(train_store(store_dir, args.seconds))
+        elif not store_dir.is_dir():
+            parser.exit(2, f"bench.scenarios: --store {store_dir} is not a directory\n")
+        emit(asyncio.run(run(args, store_dir.resolve())))
+
+
+if __name__ == "__main__":
+    main()

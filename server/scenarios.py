@@ -1,0 +1,88 @@
+"""Scenario sampling (`POST /v1/scenarios`): n draws of S_T for one contract from the served
+model's learned distribution, by inverse CDF through COS (spectral_core/scenarios.py).
+
+The same contract, n, seed and model version give the same bytes. n is capped by
+`[server] max_scenario_samples`; one sampling runs at a time off the event loop, and a request
+that finds more than `_MAX_WAITING` others waiting is refused with 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.errors import FieldError, RequestInvalid
+from server.model import ModelService, Overloaded
+from server.valuation import Version, domain_invalid
+from spectral_core.pricer import CONTRACT_FIELDS, Contracts, DomainError
+from spectral_core.scenarios import sample_terminal
+from storage.marketdata import Finite, PositiveFinite
+
+_MAX_WAITING = 4
+MAX_SEED = 2**63 - 1
+
+
+class ScenarioContract(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    X0: PositiveFinite
+    T: Finite
+    r: Finite
+    d: Finite
+    v: Finite
+
+
+class ScenarioRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    contract: ScenarioContract
+    n: int = Field(ge=1)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    model_version: Version | None = None
+
+
+class ScenarioSampler:
+    """Bounded, one-at-a-time sampling on a worker thread."""
+
+    def __init__(self, model: ModelService, *, max_samples: int) -> None:
+        self.model = model
+        self.max_samples = max_samples
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    def check(self, req: ScenarioRequest) -> None:
+        if req.n > self.max_samples:
+            raise RequestInvalid(
+                [FieldError("n", f"n = {req.n} is above the limit of {self.max_samples} samples "
+                                 "(server.max_scenario_samples)")],
+                "too many samples",
+            )
+
+    async def sample(self, req: ScenarioRequest) -> dict[str, Any]:
+        self.check(req)
+        c = req.contract
+        # K is not used by S_T's law; the contract's own spot stands in for the domain check
+        contract = Contracts(X0=[c.X0], K=[c.X0], T=[c.T], r=[c.r], d=[c.d], v=[c.v])
+        loaded, info = await self.model.resolve(req.model_version)
+        if self._waiting >= _MAX_WAITING:
+            raise Overloaded("queue_full", f"{self._waiting} scenario samplings are waiting",
+                             retry_after_s=1)
+        self._waiting += 1
+        try:
+            async with self._lock:
+                samples = await asyncio.to_thread(
+                    sample_terminal, loaded.value, contract, n=req.n, seed=req.seed)
+        except DomainError as exc:
+            raise domain_invalid(exc, path=f"contract.{exc.field}") from None
+        finally:
+            self._waiting -= 1
+        inputs = {name: getattr(c, name) for name in CONTRACT_FIELDS if name != "K"}
+        return {
+            "model": info.as_json(),
+            "contract": inputs,
+            "n": req.n,
+            "seed": req.seed,
+            "samples": samples,
+        }
