@@ -93,24 +93,41 @@ def _min_density_rel(F: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return worst
 
 
-def _arbitrage_bp(F: torch.Tensor, theta: torch.Tensor, config: CoreConfig,
-                 a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Max violation (bp of spot, S0 = 1) of the no-arbitrage bounds by the puts the model
-    answers at the validation strikes: max(K e^{-rT} - e^{-dT}, 0) <= P <= K e^{-rT}.
+def validation_puts(
+    F: torch.Tensor, theta: torch.Tensor, config: CoreConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """COS puts (S0 = 1) from the CFs F (B, N) of contracts theta (B, P) at strikes
+    config.train.validation_moneyness x the forward, and those strikes: (levels * B,) each,
+    level-major."""
+    process = get_process(config.process)
+    theta = theta.to(torch.float64)
+    F = F.to(torch.complex128)
+    cols = process.columns(theta)
+    T, r, d = cols["T"], cols["r"], cols["d"]
+    a, b = process.truncation_interval(theta, L=config.spectrum.truncation_L, xp=torch)
+    ones = torch.ones_like(T)
+    strikes, puts = [], []
+    for mny in config.train.validation_moneyness:
+        K = mny * torch.exp((r - d) * T)
+        strikes.append(K)
+        puts.append(cos.put(F, a, b, S0=ones, K=K, r=r, T=T))
+    return torch.cat(puts), torch.cat(strikes)
+
+
+def _arbitrage_bp(puts: torch.Tensor, strikes: torch.Tensor, theta: torch.Tensor,
+                  config: CoreConfig) -> torch.Tensor:
+    """Max violation (bp of spot, S0 = 1) of the no-arbitrage bounds by the validation puts
+    (validation_puts): max(K e^{-rT} - e^{-dT}, 0) <= P <= K e^{-rT}.
 
     Calls are priced from puts by parity (spectral_core/cos.py), so parity itself holds to
     rounding; its lower bound P >= K e^{-rT} - e^{-dT} is exactly "the parity call is >= 0"."""
     cols = get_process(config.process).columns(theta)
-    T, r, d = cols["T"], cols["r"], cols["d"]
-    ones = torch.ones_like(T)
-    worst = torch.zeros((), dtype=torch.float64)
-    for mny in config.train.validation_moneyness:
-        K = mny * torch.exp((r - d) * T)
-        p = cos.put(F, a, b, S0=ones, K=K, r=r, T=T)
-        lower = torch.clamp(K * torch.exp(-r * T) - torch.exp(-d * T), min=0.0)
-        upper = K * torch.exp(-r * T)
-        worst = torch.maximum(worst, torch.clamp(lower - p, min=0.0).max())
-        worst = torch.maximum(worst, torch.clamp(p - upper, min=0.0).max())
+    levels = len(config.train.validation_moneyness)
+    T, r, d = (cols[k].repeat(levels) for k in ("T", "r", "d"))
+    lower = torch.clamp(strikes * torch.exp(-r * T) - torch.exp(-d * T), min=0.0)
+    upper = strikes * torch.exp(-r * T)
+    worst = torch.maximum(torch.clamp(lower - puts, min=0.0).max(),
+                          torch.clamp(puts - upper, min=0.0).max())
     return worst * 1e4
 
 
@@ -119,18 +136,19 @@ def assess(
     theta: torch.Tensor,
     config: CoreConfig,
     *,
-    errors_bp: torch.Tensor,
+    reference: torch.Tensor,
     noise_floor_bp: float,
     step: int,
 ) -> QualityReport:
     """The report for learned CFs F (B, N) of the validation contracts theta (B, P).
 
-    `errors_bp` are the held-out put errors (validation_price_errors_bp) of the same F, and
-    `noise_floor_bp` the mean of the same errors for the MC labels."""
+    `reference` holds the oracle puts at the validation strikes (trainer.validation_reference)
+    and `noise_floor_bp` the mean error of the MC labels against them."""
     F = F.to(torch.complex128).cpu()
     theta = theta.to(torch.float64).cpu()
     B = theta.shape[0]
-    err = errors_bp.to(torch.float64).cpu()
+    puts, strikes = validation_puts(F, theta, config)
+    err = (puts - reference.to(torch.float64).cpu()).abs() * 1e4
     finite = bool(torch.isfinite(torch.view_as_real(F)).all()) and bool(torch.isfinite(err).all())
     nan = math.nan
     if not finite:
@@ -153,6 +171,6 @@ def assess(
         f0_max_err=_f((F[:, 0] - 1).abs().max()),
         max_modulus=_f(F.abs().max()),
         min_density_rel=_f(_min_density_rel(F, a, b)),
-        arbitrage_max_bp=_f(_arbitrage_bp(F, theta, config, a, b)),
+        arbitrage_max_bp=_f(_arbitrage_bp(puts, strikes, theta, config)),
         finite=True,
     )

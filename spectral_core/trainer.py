@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from spectral_core import cos
 from spectral_core.config import CoreConfig
 from spectral_core.cvnn import SpectralCVNN, build_model
 from spectral_core.device import array_module, resolve_device, to_torch
 from spectral_core.normals import NormalsSource
 from spectral_core.processes import get_process
 from spectral_core.processes.base import Process
-from spectral_core.quality import QualityReport, assess
+from spectral_core.quality import QualityReport, assess, validation_puts
 from spectral_core.sampler import ContractSampler
 from spectral_core.schedule import PlateauState, lr_at
 from spectral_core.snapshot import RAW_PREFIX, Snapshot
@@ -249,9 +248,7 @@ class Trainer:
         training (spectral_core/quality.py): what a commit of this state records. With
         averaging, of the averaged weights (those served)."""
         pred = self._validation_prediction(self.served_model)
-        err = validation_price_errors_bp(pred.cpu(), self._val_theta, self.config,
-                                         reference=self._val_reference)
-        return assess(pred, self._val_theta, self.config, errors_bp=err,
+        return assess(pred.cpu(), self._val_theta, self.config, reference=self._val_reference,
                       noise_floor_bp=self.noise_floor_bp(), step=self.global_step)
 
     def validate(self) -> ValidationMetrics:
@@ -489,17 +486,7 @@ def validation_price_errors_bp(
     The oracle is the process's (Black-Scholes for GBM, COS on the analytic CF for Heston and
     Bates); pass `reference` (validation_reference) to reuse it. Returns (K_levels * B,).
     """
-    process = get_process(config.process)
-    theta = theta.to(torch.float64)
-    F = F.to(torch.complex128)
-    cols = process.columns(theta)
-    T, r, d = cols["T"], cols["r"], cols["d"]
-    a, b = process.truncation_interval(theta, L=config.spectrum.truncation_L, xp=torch)
     if reference is None:
         reference = validation_reference(theta, config)
-    ones = torch.ones_like(T)
-    prices = []
-    for mny in config.train.validation_moneyness:
-        K = mny * torch.exp((r - d) * T)
-        prices.append(cos.put(F, a, b, S0=ones, K=K, r=r, T=T))
-    return (torch.cat(prices) - reference).abs() * 1e4
+    puts, _ = validation_puts(F, theta, config)
+    return (puts - reference).abs() * 1e4

@@ -13,7 +13,7 @@ from spectral_core import analytic
 from spectral_core.config import CoreConfig
 from spectral_core.processes import get_process
 from spectral_core.quality import assess
-from spectral_core.trainer import Trainer, validation_price_errors_bp
+from spectral_core.trainer import Trainer, validation_reference
 from storage.chain import VersionChain, VersionRecord
 from storage.commits import BackgroundCommitter, CommitPlan
 from storage.inference import InferenceClient
@@ -108,8 +108,8 @@ def test_report_of_the_exact_cf_is_exact_and_valid() -> None:
     k = torch.arange(config.spectrum.n_freq, dtype=torch.float64)
     u = k[None, :] * math.pi / (b - a)[:, None]
     F = analytic.gbm_shifted_cf(u, a, T=cols["T"], r=cols["r"], d=cols["d"], sigma=cols["sigma"])
-    err = validation_price_errors_bp(F, th, config)
-    report = assess(F, th, config, errors_bp=err, noise_floor_bp=1.0, step=0)
+    report = assess(F, th, config, reference=validation_reference(th, config),
+                    noise_floor_bp=1.0, step=0)
     assert report.finite
     assert report.held_out_max_bp < 1e-7  # 1e-11 of spot
     assert report.f0_max_err < 1e-15 and report.max_modulus <= 1.0 + 1e-15
