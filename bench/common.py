@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +30,11 @@ def held_out_contracts(n: int, domain: Domain, *, seed: int = 20261127) -> dict[
     X0 = np.full(n, 100.0)
     K = X0 * np.exp((cols["r"] - cols["d"]) * cols["T"]) * rng.uniform(0.7, 1.3, n)
     return {"X0": X0, "K": K, **cols}
+
+
+def machine() -> str:
+    """The machine a result line was measured on: architecture, cores, Python."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -46,8 +46,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import platform
 import signal
 import sys
 import tempfile
@@ -62,7 +60,7 @@ import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import emit, held_out_contracts
+from bench.common import emit, held_out_contracts, machine
 from bench.soak import SERVICE_TOML, ServerProcess
 from config.settings import ModelSettings, ServerSettings
 from spectral_core.config import CoreConfig, ProcessName
@@ -359,7 +357,7 @@ def summarise(
         "per_minute": [m.row() for m in measurements],
         "interval_s": options.interval_s,
         "commit_every_s": options.commit_every_s,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": machine(),
     }
 
 

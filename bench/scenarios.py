@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ import numpy as np
 from aiohttp.test_utils import TestServer
 from scipy import stats
 
-from bench.common import emit, held_out_contracts
+from bench.common import emit, held_out_contracts, machine
 from config.settings import (
     LoggingSettings,
     ModelSettings,
@@ -57,10 +55,6 @@ MODELS = {"bs": "gbm"}
 
 def log(msg: str) -> None:
     print(f"[scenarios] {msg}", file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
 
 
 async def train_store(store_dir: Path, seconds: float) -> None:

@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -53,7 +52,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import emit
+from bench.common import emit, machine
 from bench.soak import (
     AUTH,
     NAMESPACE,
@@ -408,7 +407,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "baseline_p99_ms": baseline["p99_ms"],
             "errors": errors,
             "server_log_errors": len(log_errors),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "machine": machine(),
         }
     )
     return result
