@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,3 +142,16 @@ def check_schema(body: Any, schema_name: str) -> None:
 
 def loads(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+async def until(
+    pred: Callable[[], Awaitable[bool]], *, what: str, timeout: float = 60.0,
+    interval: float = 0.05,
+) -> None:
+    """Poll the async predicate every `interval` s until it holds; AssertionError naming `what`
+    after `timeout` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)

@@ -27,6 +27,7 @@ from server.keys import CHAIN_KEY, WORKER_KEY
 from storage.chain import VersionChain
 from storage.localstore import LocalStore
 from tests.core_fixtures import tiny_config
+from tests.server_fixtures import until
 
 TOKEN = "test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Actor": "alice"}
@@ -53,14 +54,6 @@ def settings(
         model=ModelSettings(poll_interval_s=0.1),
         core=tiny_config(),
     )
-
-
-async def until(pred: Callable[[], Awaitable[bool]], *, timeout: float = 60.0, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def training_status(client: TestClient) -> dict[str, Any]:

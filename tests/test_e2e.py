@@ -13,6 +13,7 @@ promoted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +44,7 @@ from storage.localstore import LocalStore
 from storage.s3store import S3Store
 from tests.core_fixtures import tiny_config
 from tests.server_fixtures import VDT, market_body
+from tests.server_fixtures import until as wait_until
 from tests.storage_fixtures import CREDS, REGION, MotoServer, moto_server, new_bucket, s3_store
 
 __all__ = ["moto_server"]  # the session fixture, imported for pytest
@@ -98,13 +100,8 @@ def strict_json(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=refuse)
 
 
-async def until(pred: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+# this module's waits give up after 30 s
+until = functools.partial(wait_until, timeout=30.0)
 
 
 async def get_json(client: Client, path: str, *, headers: dict[str, str] | None = None) -> Any:

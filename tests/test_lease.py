@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from storage.chain import VersionChain
 from storage.lease import LEASE_KEY, LeaseLost, TrainingLease
 from storage.localstore import LocalStore
 from storage.objectstore import MemoryStore
+from tests.server_fixtures import until
 
 
 class Clock:
@@ -69,6 +71,8 @@ def test_lease_document_is_one_small_key() -> None:
 
 
 # ------------------------------------------------------------------------- two real servers
+# two real servers answer slower than an in-process app: poll less often, wait longer
+wait_for_servers = functools.partial(until, timeout=90.0, interval=0.2)
 LEASE_TOML = SERVER_TOML.replace('device = "cpu"\n', 'device = "cpu"\nlease_ttl_s = 2.0\n', 1)
 
 
@@ -78,13 +82,6 @@ async def _status(session: aiohttp.ClientSession, server: ServerProcess) -> dict
     async with session.get(f"{server.base}/v1/admin/training", headers=AUTH) as resp:
         assert resp.status == 200, await resp.text()
         return (await resp.json())["training"]
-
-
-async def _until(predicate, what: str, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 async def test_standby_server_takes_over_after_kill_9_one_lineage(tmp_path: Path) -> None:
@@ -107,13 +104,13 @@ async def test_standby_server_takes_over_after_kill_9_one_lineage(tmp_path: Path
             async def standing_by() -> bool:
                 return (await _status(session, second))["state"] == "standby"
 
-            await _until(standing_by, "the second server to stand by")
+            await wait_for_servers(standing_by, what="the second server to stand by")
 
             async def committed_twice() -> bool:
                 head = await chain.head()
                 return head is not None and head.counter >= 2
 
-            await _until(committed_twice, "the first server to commit twice")
+            await wait_for_servers(committed_twice, what="the first server to commit twice")
             assert (await _status(session, first))["lease"]["epoch"] == 1
             first.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
             await asyncio.to_thread(first.proc.wait)  # type: ignore[union-attr]
@@ -124,7 +121,7 @@ async def test_standby_server_takes_over_after_kill_9_one_lineage(tmp_path: Path
                 t = await _status(session, second)
                 return t["state"] == "running" and t["lease"]["epoch"] == 2
 
-            await _until(took_over, "the standby server to take the lease")
+            await wait_for_servers(took_over, what="the standby server to take the lease")
             t = await _status(session, second)
             assert t["resumed_from"] is not None and t["resumed_from"] >= killed_at.counter
 
@@ -132,7 +129,7 @@ async def test_standby_server_takes_over_after_kill_9_one_lineage(tmp_path: Path
                 head = await chain.head()
                 return head is not None and head.training_metrics.get("lease_epoch") == 2
 
-            await _until(committed_after, "the new leaseholder to commit")
+            await wait_for_servers(committed_after, what="the new leaseholder to commit")
         assert await second.stop(signum=signal.SIGTERM) == 0
     finally:
         for s in (first, second):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from server.keys import CHAIN_KEY, MODEL_KEY, MODEL_READY_KEY, Readiness
 from storage.localstore import LocalStore
 from storage.objectstore import MemoryStore
 from tests.core_fixtures import tiny_config
+from tests.server_fixtures import until
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 METHODS = ("get", "put", "post", "delete", "patch")
@@ -248,14 +248,6 @@ def _admin_app(store_dir: Path, *, training: bool, token: str | None = TOKEN) ->
     return create_app(settings, store=LocalStore(store_dir), registry=CollectorRegistry())
 
 
-async def _until(pred: Callable[[], Awaitable[bool]], *, what: str, timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def test_admin_routes_are_bearer_protected_in_the_spec(spec: dict[str, Any]) -> None:
     scheme = spec["components"]["securitySchemes"]["adminBearer"]
     assert scheme == {**scheme, "type": "http", "scheme": "bearer"}
@@ -326,7 +318,7 @@ async def test_admin_responses_while_training_match_the_spec(
             and body["model"]["loaded"] is not None
         )
 
-    await _until(validated_and_served, what="a validation, a commit and a served model")
+    await until(validated_and_served, what="a validation, a commit and a served model")
     body = await check("post", CONTROL[0], CONTROL[0], status=200, headers=AUTH)
     assert body["training"]["state"] == "paused"
     body = await check("post", CONTROL[2], CONTROL[2], status=201, headers=AUTH)
