@@ -126,15 +126,8 @@ def _promoter(
 ) -> Promoter:
     """The quality gate of the `serving` ref, counted in /metrics; a promotion wakes the model
     poller, so the new version serves at once rather than at the next poll."""
-    p = settings.promotion
-    policy = PromotionPolicy(
-        enabled=p.enabled,
-        max_regression_se=p.max_regression_se,
-        cf_tolerance=p.cf_tolerance,
-        density_tolerance=p.density_tolerance,
-        arbitrage_tolerance_bp=p.arbitrage_tolerance_bp,
-        actor=p.actor,
-    )
+    # [promotion] names exactly the policy's fields
+    policy = PromotionPolicy(**settings.promotion.model_dump())
 
     def on_decision(record: VersionRecord, decision: Decision) -> None:
         result = "promoted" if decision.promote else "refused"
