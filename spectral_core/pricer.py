@@ -170,7 +170,8 @@ class Pricer:
             n: 0.5 * (dom.bounds(p).lower + dom.bounds(p).upper)
             for n, p in self._domain_field.items()
         }
-        self.price(Contracts.from_columns({"X0": 100.0, "K": 100.0, **mid}))
+        self.price(Contracts.from_columns({"X0": 100.0, "K": 100.0, **mid},
+                                          fields=self.contract_fields))
 
     def row_bytes(self, *, greeks: bool = False, metrics: bool = False) -> int:
         """Bytes one contract row occupies in a `price` call: its float64 inputs, features and

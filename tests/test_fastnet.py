@@ -16,9 +16,10 @@ import torch
 
 from spectral_core import analytic, cos
 from spectral_core import fastnet as fn
-from spectral_core.config import ArchConfig, CoreConfig
+from spectral_core.config import PROCESS_NAMES, ArchConfig, CoreConfig
 from spectral_core.cvnn import build_model, theta_features
 from spectral_core.pricer import Contracts, Pricer
+from spectral_core.processes import get_process
 from spectral_core.spectrum import truncation_interval
 
 
@@ -239,8 +240,11 @@ def test_pricer_fast_path_matches_module_path() -> None:
     assert fast.price(c, digitals=False).keys() == module.price(c, digitals=False).keys()
 
 
-def test_warm_up_prices_the_domain_centre() -> None:
-    config = CoreConfig()
-    model = build_model(config.arch, n_freq=config.spectrum.n_freq)
+@pytest.mark.parametrize("process", PROCESS_NAMES)
+def test_warm_up_prices_the_domain_centre(process: str) -> None:
+    # every process: Heston and Bates contracts carry their own fields (v0, ...)
+    config = CoreConfig(process=process)
+    model = build_model(config.arch, n_freq=config.spectrum.n_freq,
+                        n_features=get_process(process).n_features)
     for reproducible in (False, True):
         Pricer(model, config, reproducible=reproducible).warm_up()  # raises if anything fails
