@@ -139,10 +139,13 @@ class Promoter:
         policy: PromotionPolicy | None = None,
         *,
         on_decision: Callable[[VersionRecord, Decision], None] | None = None,
+        label: str = "chain",
     ) -> None:
         """`on_decision(record, decision)` is called after each decision is stored (metrics,
-        TensorBoard, waking the model poller)."""
+        TensorBoard, waking the model poller); `label` names the chain in log lines (several
+        chains promote in one process)."""
         self.chain = chain
+        self.label = label
         self.policy = policy or PromotionPolicy()
         self.on_decision = on_decision
         self._lock = asyncio.Lock()
@@ -166,7 +169,8 @@ class Promoter:
                 await self.chain.set_ref(SERVING_REF, record.counter, actor=self.policy.actor,
                                          action="promote", detail=decision.detail)
                 self.promoted += 1
-                log.info("promoted version %d (%s)", record.counter, decision.reason)
+                log.info("%s: promoted version %d (%s)", self.label, record.counter,
+                         decision.reason)
             else:
                 await self.chain.append_audit(
                     "promotion_refused", actor=self.policy.actor, ref=SERVING_REF,
@@ -174,8 +178,8 @@ class Promoter:
                     detail={"reason": decision.reason, **decision.detail},
                 )
                 self.refused += 1
-                log.warning("refused to promote version %d: %s %s", record.counter,
-                            decision.reason, decision.detail)
+                log.warning("%s: refused to promote version %d: %s %s", self.label,
+                            record.counter, decision.reason, decision.detail)
         if self.on_decision is not None:
             try:
                 self.on_decision(record, decision)
