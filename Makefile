@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/spectralmc serve
+	$(BIN)/spectralmc serve --config config/models.toml
 
 test: venv
 	$(BIN)/python -m pytest

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.sources import EnvSettingsSource
 
 from spectral_core.config import CoreConfig
+from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "SPECTRALMC_"
@@ -32,6 +33,10 @@ class SettingsError(ValueError):
 
 class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# A model's name (MODEL_NAME_PATTERN) labels every per-model metric; ROOT_MODEL is the model of
+# the top-level [core] and [model], a GBM whose chain is the store's root.
 
 
 class ServerSettings(_Group):
@@ -47,6 +52,8 @@ class ServerSettings(_Group):
     max_future_data_asof_s: float = Field(default=300.0, ge=0.0)
     # POST /v1/scenarios: samples per request (each is a float in the answer, ~20 bytes)
     max_scenario_samples: int = Field(default=100_000, ge=1, le=10_000_000)
+    # The model a request that names none is priced by: "bs" or a name under [models].
+    default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)
 
 
 class StoreSettings(_Group):
@@ -157,6 +164,16 @@ class ModelSettings(_Group):
     deadline_s: float = Field(default=5.0, gt=0.0, le=3600.0)
 
 
+class NamedModelSettings(_Group):
+    """`[models.<name>]`: one more served model, with its own process config (`core`), its
+    own chain under `models/<name>/` and serving mode (`model`), and its own trainer unless
+    `training = false` (training also needs [training] enabled)."""
+
+    core: CoreConfig = CoreConfig()
+    model: ModelSettings = ModelSettings()
+    training: bool = True
+
+
 class PromotionSettings(_Group):
     """The quality gate of the `serving` ref (storage/promotion.py)."""
 
@@ -238,17 +255,42 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     core: CoreConfig = CoreConfig()
+    models: dict[str, NamedModelSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _served_process(self) -> Settings:
-        # The request schema (X0, K, T, r, d, v) and the valuation path read sigma from the vol
-        # surface: the service prices GBM models. Heston and Bates train with `spectralmc train`.
+    def _named_models(self) -> Settings:
+        # [core] is model `bs`, which reads sigma from the vol surface: a GBM. Heston and Bates
+        # are named models ([models.<name>]) whose parameters come from the snapshot.
         if self.core.process != "gbm":
             raise ValueError(
-                f"core.process = {self.core.process!r}: the service serves gbm models only; "
-                "train heston and bates with `spectralmc train --config FILE`"
+                f"core.process = {self.core.process!r}: [core] is the {ROOT_MODEL!r} model, a "
+                f"gbm; serve {self.core.process} as a named model: [models.<name>] with "
+                f'core.process = "{self.core.process}"'
+            )
+        for name in self.models:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"models.{name}: a model name must match {MODEL_NAME_PATTERN}")
+            if name == ROOT_MODEL:
+                raise ValueError(f"models.{ROOT_MODEL}: {ROOT_MODEL!r} is [core] and [model]")
+        known = [ROOT_MODEL, *self.models]
+        if self.server.default_model not in known:
+            raise ValueError(
+                f"server.default_model = {self.server.default_model!r} names no model "
+                f"(models: {known})"
             )
         return self
+
+    def for_model(self, name: str) -> Settings:
+        """These settings as model `name` sees them: its [core], [model] and training switch
+        in place of the top-level ones (everything else shared)."""
+        if name == ROOT_MODEL:
+            return self
+        named = self.models[name]
+        training = self.training.model_copy(
+            update={"enabled": self.training.enabled and named.training}
+        )
+        return self.model_copy(update={"core": named.core, "model": named.model,
+                                       "training": training})
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from server.keys import (
     METRICS_KEY,
     MODEL_KEY,
     MODEL_READY_KEY,
+    MODELS_KEY,
     REGISTRY_KEY,
     SCENARIOS_KEY,
     SETTINGS_KEY,
@@ -32,16 +33,17 @@ from server.keys import (
 )
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
-from server.model import BatchStats, ModelInfo, ModelService, NoModel, Overloaded
-from server.retention import RETENTION_KEY, build_retention, retention_ctx
+from server.model import NoModel, Overloaded
+from server.models import build_models
+from server.retention import (
+    MODEL_RETENTIONS_KEY,
+    RETENTION_KEY,
+    build_retention,
+    retention_ctx,
+)
 from server.routes import setup_routes
-from server.scenarios import ScenarioSampler
-from server.worker import TrainingWorker
-from storage.chain import VersionChain, VersionRecord
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
-from storage.promotion import Decision, Promoter, PromotionPolicy
-from storage.retry import NO_RETRY
 
 
 class StoreConfigError(RuntimeError):
@@ -89,84 +91,39 @@ def _close_store(store: ObjectStore, *, owned: bool) -> Callable[[web.Applicatio
     return store_ctx
 
 
-def _model_service(settings: Settings, chain: VersionChain, metrics: Metrics) -> ModelService:
-    m = settings.model
-    fixed: int | str | None = None
-    if m.mode == "pinned":
-        fixed = m.pinned_version if m.pinned_version is not None else m.pin_ref
-
-    def on_swap(info: ModelInfo) -> None:
-        metrics.set_model_version(version=info.counter, version_hash=info.version_hash)
-        metrics.model_swaps.inc()
-
-    def on_batch(stats: BatchStats) -> None:
-        metrics.contracts_priced.inc(stats.rows)
-        metrics.pricing_batch_rows.observe(stats.rows)
-        metrics.pricing_batch_requests.observe(stats.requests)
-        for delay in stats.queue_delays_s:
-            metrics.pricing_queue_delay.observe(delay)
-
-    return ModelService(
-        chain,
-        poll_interval=m.poll_interval_s,
-        fixed_target=fixed,
-        max_batch_rows=m.max_batch_rows,
-        max_inflight_bytes=m.max_inflight_bytes,
-        deadline_s=m.deadline_s,
-        on_swap=on_swap,
-        on_batch=on_batch,
-        on_admit=metrics.pricing_inflight_rows.observe,
-        on_reject=lambda reason: metrics.pricing_rejections.labels(reason=reason).inc(),
-        on_load_failure=lambda kind: metrics.model_load_failures.labels(kind=kind).inc(),
-    )
-
-
-def _promoter(
-    settings: Settings, chain: VersionChain, metrics: Metrics, service: ModelService
-) -> Promoter:
-    """The quality gate of the `serving` ref, counted in /metrics; a promotion wakes the model
-    poller, so the new version serves at once rather than at the next poll."""
-    # [promotion] names exactly the policy's fields
-    policy = PromotionPolicy(**settings.promotion.model_dump())
-
-    def on_decision(record: VersionRecord, decision: Decision) -> None:
-        result = "promoted" if decision.promote else "refused"
-        metrics.promotions.labels(result=result, reason=decision.reason).inc()
-        error = record.quality_metrics.get("held_out_mean_bp")
-        if isinstance(error, int | float):
-            metrics.version_held_out_error.labels(version="committed").set(error)
-        if decision.promote:
-            metrics.serving_version.set(record.counter)
-            if isinstance(error, int | float):
-                metrics.version_held_out_error.labels(version="served").set(error)
-            service.client.poke()
-
-    return Promoter(chain, policy, on_decision=on_decision)
-
-
 async def _serve_models(app: web.Application) -> AsyncIterator[None]:
-    """Load the wanted model version (tracking or pinned) and keep it current."""
-    service = app[MODEL_KEY]
-    await service.start()
+    """Load every model's wanted version (tracking or pinned) and keep it current. Ready once
+    the default model serves; the others answer 503 until theirs is loaded."""
+    models = app[MODELS_KEY]
+    default = app[SETTINGS_KEY].server.default_model
+    for served in models.values():
+        await served.service.start()
 
     def ready() -> Readiness:
-        cur = service.current
+        cur = models[default].service.current
         if cur is None:
-            return Readiness(False, service.client.last_error or "no model version committed yet")
-        return Readiness(True, f"serving version {cur.counter} ({cur.mode})")
+            client = models[default].service.client
+            return Readiness(False, client.last_error or "no model version committed yet")
+        others = "".join(
+            f"; {m.name}: " + ("none" if (c := m.service.current) is None else f"v{c.counter}")
+            for m in models.values() if m.name != default
+        )
+        return Readiness(True, f"serving version {cur.counter} ({cur.mode}){others}")
 
     app[MODEL_READY_KEY].set(ready)
     yield
-    await service.aclose()
+    for served in models.values():
+        await served.service.aclose()
 
 
 async def _train(app: web.Application) -> AsyncIterator[None]:
-    """Continuous training in its own thread; on shutdown: stop, final commit, wait for it."""
-    worker = app[WORKER_KEY]
-    if worker is not None:
+    """Continuous training, each model's in its own thread; on shutdown: stop, final commit,
+    wait for it."""
+    workers = [m.worker for m in app[MODELS_KEY].values() if m.worker is not None]
+    for worker in workers:
         await worker.start()
     yield
-    if worker is not None:
+    for worker in workers:
         await worker.stop()
 
 
@@ -230,26 +187,22 @@ def create_app(
         max_future=timedelta(seconds=settings.server.max_future_data_asof_s),
     )
     app[MODEL_READY_KEY] = ModelReadiness()
-    # a store opened here is already wrapped in the settings' retry policy: no second layer
-    chain = VersionChain(store, clock=clock, retry=NO_RETRY if owned else None)
-    app[CHAIN_KEY] = chain
-    app[MODEL_KEY] = _model_service(settings, chain, metrics)
-    app[SCENARIOS_KEY] = ScenarioSampler(
-        app[MODEL_KEY], max_samples=settings.server.max_scenario_samples
-    )
+    models = build_models(settings, store, clock=clock, metrics=metrics, owned=owned)
+    app[MODELS_KEY] = models
+    default = models[settings.server.default_model]
+    app[CHAIN_KEY] = default.chain
+    app[MODEL_KEY] = default.service
+    app[SCENARIOS_KEY] = default.sampler
+    app[WORKER_KEY] = default.worker
     app.cleanup_ctx.append(_close_store(store, owned=owned))
-    app[WORKER_KEY] = (
-        TrainingWorker(settings, chain, metrics,
-                       promoter=_promoter(settings, chain, metrics, app[MODEL_KEY]))
-        if settings.training.enabled else None
-    )
     app.cleanup_ctx.append(_serve_models)
     app.cleanup_ctx.append(_train)
     # Jobs start last and stop first: they use the model service and the store.
     app[JOBS_KEY] = build_scheduler(app)
     app.cleanup_ctx.append(jobs_ctx)
     # Retention (GC of the chain, job-result pruning, store bytes) runs every interval_s.
-    app[RETENTION_KEY] = build_retention(app)
+    app[MODEL_RETENTIONS_KEY] = build_retention(app)  # one per model, bs first
+    app[RETENTION_KEY] = app[MODEL_RETENTIONS_KEY][0]
     app.cleanup_ctx.append(retention_ctx)
     setup_routes(app)
     return app

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     # pull in the trainer, the pricer or the store backends (nor server.jobs, a cycle).
     from server.jobs import JobScheduler
     from server.model import ModelService
+    from server.models import ServedModel
     from server.scenarios import ScenarioSampler
     from server.worker import TrainingWorker
     from storage.chain import VersionChain
@@ -65,7 +66,9 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 MODEL_READY_KEY = web.AppKey("model_ready", ModelReadiness)
 CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
 CHAIN_KEY: web.AppKey[VersionChain] = web.AppKey("chain")
+# The default model's parts ([server] default_model); MODELS_KEY holds every named model.
 MODEL_KEY: web.AppKey[ModelService] = web.AppKey("model")
+MODELS_KEY: web.AppKey[dict[str, ServedModel]] = web.AppKey("models")
 SCENARIOS_KEY: web.AppKey[ScenarioSampler] = web.AppKey("scenarios")
 # None when settings.training.enabled is false.
 WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")

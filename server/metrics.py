@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -42,12 +43,13 @@ class Metrics:
             registry=registry,
         )
         self.contracts_priced = Counter(
-            "contracts_priced", "Contracts priced", namespace=ns, registry=registry
+            "contracts_priced", "Contracts priced", ["model"], namespace=ns, registry=registry
         )
         # The continuous batcher and its admission control (server/model.py).
         self.pricing_queue_delay = Histogram(
             "pricing_queue_delay_seconds",
             "Time a pricing request waited in the queue before its batch started",
+            ["model"],
             namespace=ns,
             registry=registry,
             buckets=(0.0001, 0.0005, *_LATENCY_BUCKETS),
@@ -55,6 +57,7 @@ class Metrics:
         self.pricing_batch_rows = Histogram(
             "pricing_batch_rows",
             "Contract rows per forward pass",
+            ["model"],
             namespace=ns,
             registry=registry,
             buckets=_ROW_BUCKETS,
@@ -62,6 +65,7 @@ class Metrics:
         self.pricing_batch_requests = Histogram(
             "pricing_batch_requests",
             "Requests per forward pass",
+            ["model"],
             namespace=ns,
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -69,69 +73,85 @@ class Metrics:
         self.pricing_inflight_rows = Histogram(
             "pricing_inflight_rows",
             "Rows queued or being priced, observed as each request is admitted",
+            ["model"],
             namespace=ns,
             registry=registry,
             buckets=_ROW_BUCKETS,
         )
         self.pricing_rejections = Counter(
             "pricing_rejections",
-            "Pricing requests refused with 503, by reason (queue_full, deadline, "
-            "deadline_expired)",
-            ["reason"],
+            "Pricing requests refused with 503, by reason (queue_full, deadline, deadline_expired)",
+            ["model", "reason"],
             namespace=ns,
             registry=registry,
         )
         self.model_version_info = Gauge(
             "model_version_info",
             "The model version serving (value 1)",
-            ["version", "hash"],
+            ["model", "version", "hash"],
             namespace=ns,
             registry=registry,
         )
         self.model_swaps = Counter(
-            "model_swaps", "Hot swaps of the serving model", namespace=ns, registry=registry
+            "model_swaps",
+            "Hot swaps of the serving model",
+            ["model"],
+            namespace=ns,
+            registry=registry,
         )
         self.model_load_failures = Counter(
             "model_load_failures",
             "Failed model polls or loads, by kind (corrupt, Unavailable, ...)",
-            ["kind"],
+            ["model", "kind"],
             namespace=ns,
             registry=registry,
         )
         self.training_step = Gauge(
-            "training_step", "Last training step", namespace=ns, registry=registry
+            "training_step", "Last training step", ["model"], namespace=ns, registry=registry
         )
         self.training_loss = Gauge(
-            "training_loss", "Last training loss", namespace=ns, registry=registry
+            "training_loss", "Last training loss", ["model"], namespace=ns, registry=registry
         )
         self.training_validation_error = Gauge(
-            "training_validation_error", "Last validation error", namespace=ns, registry=registry
+            "training_validation_error",
+            "Last validation error",
+            ["model"],
+            namespace=ns,
+            registry=registry,
         )
         self.training_samples_per_second = Gauge(
             "training_samples_per_second",
             "Monte-Carlo samples per second",
+            ["model"],
             namespace=ns,
             registry=registry,
         )
         self.commits = Counter(
-            "commits", "Checkpoint commits by result", ["result"], namespace=ns, registry=registry
+            "commits",
+            "Checkpoint commits by result",
+            ["model", "result"],
+            namespace=ns,
+            registry=registry,
         )
         # Quality-gated promotion (storage/promotion.py): each decision, and what it looked at.
         self.promotions = Counter(
             "promotions",
             "Promotion decisions on committed versions: promoted or refused",
-            ["result", "reason"],
+            ["model", "result", "reason"],
             namespace=ns,
             registry=registry,
         )
         self.serving_version = Gauge(
-            "serving_version", "Version counter the serving ref names", namespace=ns,
+            "serving_version",
+            "Version counter the serving ref names",
+            ["model"],
+            namespace=ns,
             registry=registry,
         )
         self.version_held_out_error = Gauge(
             "version_held_out_error_bp",
             "Held-out mean put error (bp of spot) of the last committed and the served version",
-            ["version"],
+            ["model", "version"],
             namespace=ns,
             registry=registry,
         )
@@ -189,10 +209,55 @@ class Metrics:
             registry=registry,
         )
 
+    def for_model(self, model: str) -> ModelMetrics:
+        """The per-model instruments with their `model` label bound."""
+        return ModelMetrics(self, model)
+
+
+class _Bound:
+    """A labelled metric with its `model` label fixed: `.labels(**rest)` adds it."""
+
+    def __init__(self, metric: Counter | Gauge, model: str) -> None:
+        self._metric = metric
+        self._model = model
+
+    def labels(self, **labels: str) -> Any:
+        return self._metric.labels(model=self._model, **labels)
+
+
+class ModelMetrics:
+    """One named model's slice of the per-model instruments, under the names `Metrics` gives
+    them: the model service, its trainer and its promoter write here without knowing the
+    model's name (every series carries `model="<name>"`)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.model = model
+        self.registry = metrics.registry
+        self.contracts_priced = metrics.contracts_priced.labels(model=model)
+        self.pricing_queue_delay = metrics.pricing_queue_delay.labels(model=model)
+        self.pricing_batch_rows = metrics.pricing_batch_rows.labels(model=model)
+        self.pricing_batch_requests = metrics.pricing_batch_requests.labels(model=model)
+        self.pricing_inflight_rows = metrics.pricing_inflight_rows.labels(model=model)
+        self.pricing_rejections = _Bound(metrics.pricing_rejections, model)
+        self.model_swaps = metrics.model_swaps.labels(model=model)
+        self.model_load_failures = _Bound(metrics.model_load_failures, model)
+        self.training_step = metrics.training_step.labels(model=model)
+        self.training_loss = metrics.training_loss.labels(model=model)
+        self.training_validation_error = metrics.training_validation_error.labels(model=model)
+        self.training_samples_per_second = metrics.training_samples_per_second.labels(model=model)
+        self.commits = _Bound(metrics.commits, model)
+        self.promotions = _Bound(metrics.promotions, model)
+        self.serving_version = metrics.serving_version.labels(model=model)
+        self.version_held_out_error = _Bound(metrics.version_held_out_error, model)
+        self._version_info = metrics.model_version_info
+        self._version_series: tuple[str, str] | None = None
+
     def set_model_version(self, *, version: int, version_hash: str) -> None:
-        """Exactly one labelled series: the serving version."""
-        self.model_version_info.clear()
-        self.model_version_info.labels(version=str(version), hash=version_hash).set(1)
+        """Exactly one labelled series per model: the version it serves."""
+        if self._version_series is not None:
+            self._version_info.remove(self.model, *self._version_series)
+        self._version_series = (str(version), version_hash)
+        self._version_info.labels(self.model, *self._version_series).set(1)
 
 
 # HTTP label values come from fixed sets, so clients choosing odd methods (the parser accepts

@@ -14,6 +14,7 @@ same request gives the same bytes however it was batched.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import OrderedDict, deque
@@ -56,11 +57,14 @@ class PricedBatch:
     model: ModelInfo
 
 
-def load_pricer(snapshot: Snapshot, record: VersionRecord) -> Pricer:
+def load_pricer(
+    snapshot: Snapshot, record: VersionRecord, *, process: str | None = None
+) -> Pricer:
     """InferenceClient loader: a fresh, reproducible (float64, batch-invariant) CPU pricer,
     warmed up (numba kernels compiled or loaded) before it can be swapped in: a cold cache
-    would otherwise make the first request on it wait ~30 s."""
-    pricer = Pricer.from_snapshot(snapshot, device="cpu", reproducible=True)
+    would otherwise make the first request on it wait ~30 s. `process`: the process the model
+    serves (a version of another one fails to load, ProcessMismatch)."""
+    pricer = Pricer.from_snapshot(snapshot, device="cpu", reproducible=True, process=process)
     pricer.warm_up()
     return pricer
 
@@ -160,6 +164,7 @@ class ModelService:
         max_batch_rows: int = 4096,
         max_inflight_bytes: int = 64 * 1024 * 1024,
         deadline_s: float | None = None,
+        process: str | None = None,
         on_swap: Callable[[ModelInfo], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_admit: Callable[[int], None] | None = None,
@@ -176,13 +181,15 @@ class ModelService:
 
         Callbacks: `on_batch(stats)` per priced batch, `on_admit(rows_in_flight)` per admitted
         request, `on_reject(reason)` per refusal, `on_load_failure(kind)` per failed model poll
-        ("corrupt", "Unavailable", ...)."""
+        ("corrupt", "Unavailable", ...). `process`: the process this model serves; a version of
+        another one is not loaded."""
         self.chain = chain
+        self.process = process
         # A replica told by its settings to serve a fixed version or ref ignores the shared pin.
         self.fixed_target = fixed_target
         self.client: InferenceClient[Pricer] = InferenceClient(
             chain,
-            loader=load_pricer,
+            loader=functools.partial(load_pricer, process=process),
             mode=Pinned(fixed_target) if fixed_target is not None else Tracking(),
             poll_interval=poll_interval,
             # After a store outage the next good version is picked up within a few poll

@@ -26,14 +26,17 @@ from server.keys import (
     JOBS_KEY,
     METRICS_KEY,
     MODEL_KEY,
+    MODELS_KEY,
     SETTINGS_KEY,
     STORE_KEY,
     Clock,
 )
 from server.metrics import Metrics
+from server.models import ServedModel
 from storage.chain import VersionChain
 from storage.marketdata import format_utc
 from storage.objectstore import ObjectStore
+from storage.prefixed import ROOT_MODEL
 from storage.retention import (
     CHAIN_PREFIXES,
     JobLimits,
@@ -45,8 +48,8 @@ from storage.retention import (
 
 log = structlog.get_logger("spectralmc.retention")
 
-# The one model the service serves today; named models (models/<name>/) will each get a label.
-MODEL_NAME = "bs"
+# The root chain's model; each named model's service carries its own name (models/<name>/).
+MODEL_NAME = ROOT_MODEL
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -85,7 +88,7 @@ class RetentionService:
         metrics: Metrics,
         protect: Callable[[], Iterable[int]] = lambda: (),
         model: str = MODEL_NAME,
-        jobs_prefix: str = "jobs",
+        jobs_prefix: str | None = "jobs",
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.settings = settings
@@ -148,20 +151,8 @@ class RetentionService:
             self.metrics.gc_runs.labels(model=self.model).inc()
             if plan.collect:
                 self.metrics.gc_versions_collected.labels(model=self.model).inc(len(plan.collect))
-        try:
-            pruned = await prune_job_results(
-                self.store,
-                now=self.clock(),
-                limits=self.job_limits,
-                per_job=self.per_job,
-                prefix=self.jobs_prefix,
-            )
-        except Exception as exc:
-            self._failed(report, "jobs", exc)
-        else:
-            report.job_results_deleted = len(pruned.delete)
-            if pruned.delete:
-                self.metrics.job_results_deleted.inc(len(pruned.delete))
+        if self.jobs_prefix is not None:
+            await self._prune_jobs(report)
         await self.measure(report)
         report.finished = format_utc(self.clock())
         self.runs += 1
@@ -177,6 +168,23 @@ class RetentionService:
             errors=report.errors or None,
         )
         return report
+
+    async def _prune_jobs(self, report: RetentionReport) -> None:
+        assert self.jobs_prefix is not None
+        try:
+            pruned = await prune_job_results(
+                self.store,
+                now=self.clock(),
+                limits=self.job_limits,
+                per_job=self.per_job,
+                prefix=self.jobs_prefix,
+            )
+        except Exception as exc:
+            self._failed(report, "jobs", exc)
+        else:
+            report.job_results_deleted = len(pruned.delete)
+            if pruned.delete:
+                self.metrics.job_results_deleted.inc(len(pruned.delete))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -213,7 +221,9 @@ class RetentionService:
             await asyncio.gather(task, return_exceptions=True)
 
 
-RETENTION_KEY = web.AppKey("retention", RetentionService)
+RETENTION_KEY = web.AppKey("retention", RetentionService)  # bs's chain and the job results
+# every model's retention, bs's first: each [models.<name>] chain is collected by its own
+MODEL_RETENTIONS_KEY = web.AppKey("model_retentions", list[RetentionService])
 
 
 def served_versions(app: web.Application) -> Callable[[], list[int]]:
@@ -238,20 +248,57 @@ def served_versions(app: web.Application) -> Callable[[], list[int]]:
     return protect
 
 
-def build_retention(app: web.Application) -> RetentionService:
-    return RetentionService(
-        app[SETTINGS_KEY].retention,
-        chain=app[CHAIN_KEY],
-        store=app[STORE_KEY],
-        clock=app[CLOCK_KEY],
-        metrics=app[METRICS_KEY],
-        protect=served_versions(app),
-    )
+def build_retention(app: web.Application) -> list[RetentionService]:
+    """One RetentionService per served model, bs's first; only bs's prunes the job results
+    (they live at the store's root)."""
+    out = [
+        RetentionService(
+            app[SETTINGS_KEY].retention,
+            chain=app[CHAIN_KEY],
+            store=app[STORE_KEY],
+            clock=app[CLOCK_KEY],
+            metrics=app[METRICS_KEY],
+            protect=served_versions(app),
+        )
+    ]
+    for name, served in app[MODELS_KEY].items():
+        if name == ROOT_MODEL:
+            continue
+        out.append(
+            RetentionService(
+                app[SETTINGS_KEY].retention,
+                chain=served.chain,
+                store=served.chain.store,
+                clock=app[CLOCK_KEY],
+                metrics=app[METRICS_KEY],
+                protect=_model_versions(served),
+                model=name,
+                jobs_prefix=None,
+            )
+        )
+    return out
+
+
+def _model_versions(served: ServedModel) -> Callable[[], list[int]]:
+    """A named model's counters to keep beyond refs: its served version and a pinned_version."""
+
+    def protect() -> list[int]:
+        out: list[int] = []
+        if served.settings.model.pinned_version:
+            out.append(served.settings.model.pinned_version)
+        cur = served.service.current
+        if cur is not None:
+            out.append(cur.counter)
+        return out
+
+    return protect
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: start the retention loop (when enabled), yield, cancel and await it."""
-    service = app[RETENTION_KEY]
-    await service.start()
+    services = app[MODEL_RETENTIONS_KEY]
+    for service in services:
+        await service.start()
     yield
-    await service.aclose()
+    for service in services:
+        await service.aclose()

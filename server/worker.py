@@ -21,7 +21,7 @@ from typing import Any, Literal
 import structlog
 
 from config.settings import Settings
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from spectral_core.config import CoreConfig
 from spectral_core.snapshot import Snapshot
 from spectral_core.trainer import StepMetrics, Trainer, ValidationMetrics
@@ -105,7 +105,7 @@ class TrainingWorker:
         self,
         settings: Settings,
         chain: VersionChain,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         *,
         promoter: Promoter | None = None,
     ) -> None:

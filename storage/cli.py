@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import Conflict, Corrupt, Invalid, NotFound, StoreError, Unavailable
+from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL, model_store
 from storage.retry import RetryPolicy
 from storage.tensorboard import ScalarWriter, finite_scalars
 from storage.url import open_store
@@ -44,11 +46,24 @@ def _counter(text: str) -> int:
     return value
 
 
+def _model_name(text: str) -> str:
+    if not re.fullmatch(MODEL_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"a model name must match {MODEL_NAME_PATTERN}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spectralmc store", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="store URL: file:///path, s3://bucket/prefix")
     p.add_argument("--actor", default=None, help="who is acting, for the audit log")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (overrides ?endpoint=)")
+    p.add_argument(
+        "--model",
+        type=_model_name,
+        default=ROOT_MODEL,
+        help=f"the named model whose chain to act on (default {ROOT_MODEL}: the store's root; "
+        "any other lives under models/NAME/)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("list-versions", help="one line per version")
     sub.add_parser("inspect", help="print one version record as JSON").add_argument(
@@ -86,7 +101,10 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
     if args.endpoint_url:
         options["endpoint_url"] = args.endpoint_url
     store = open_store(args.url, **options)
-    chain = VersionChain(store, retry=RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.5))
+    chain = VersionChain(
+        model_store(store, args.model),
+        retry=RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.5),
+    )
     actor = args.actor or getpass.getuser() or "cli"
     try:
         return await _dispatch(args, chain, actor, out)

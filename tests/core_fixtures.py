@@ -24,3 +24,10 @@ def tiny_config(**train_overrides: object) -> CoreConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=5, total_steps=400),
         train=train,
     )
+
+
+def tiny_heston_config(**train_overrides: object) -> CoreConfig:
+    """The tiny model on the Heston process (a few dozen steps in a few seconds)."""
+    base = tiny_config(**train_overrides)
+    return CoreConfig(process="heston", sim=SimConfig(paths_per_contract=256, timesteps=8),
+                      spectrum=base.spectrum, arch=base.arch, optim=base.optim, train=base.train)

@@ -21,13 +21,22 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from config.settings import JobsSettings, ModelSettings, ServerSettings, Settings, TrainingSettings
+from config.settings import (
+    ROOT_MODEL,
+    JobsSettings,
+    ModelSettings,
+    NamedModelSettings,
+    ServerSettings,
+    Settings,
+    TrainingSettings,
+)
 from server.app import create_app
 from spectral_core.snapshot import Snapshot
 from spectral_core.trainer import Trainer
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import ObjectStore
-from tests.core_fixtures import tiny_config
+from storage.prefixed import PrefixedStore, model_prefix
+from tests.core_fixtures import tiny_config, tiny_heston_config
 
 Client = TestClient[web.Request, web.Application]
 
@@ -48,21 +57,47 @@ def trained_snapshots() -> tuple[tuple[Snapshot, dict[str, Any]], tuple[Snapshot
     return out[0], out[1]
 
 
-async def commit_model(store: ObjectStore, *, which: int = 0) -> VersionRecord:
-    snapshot, metrics = trained_snapshots()[which]
-    return await VersionChain(store).commit(
+@functools.cache
+def trained_heston_snapshots() -> tuple[tuple[Snapshot, dict[str, Any]], ...]:
+    """(snapshot, metrics) of the tiny config on the Heston process after 30 and 40 steps."""
+    out = []
+    with Trainer(tiny_heston_config()) as trainer:
+        for steps in (30, 10):
+            last = trainer.train(steps=steps)
+            assert last is not None
+            out.append((trainer.snapshot(), {"step": last.step, "loss": last.loss}))
+    return tuple(out)
+
+
+def model_chain(store: ObjectStore, model: str = ROOT_MODEL) -> VersionChain:
+    """The chain of named model `model` on `store` (the root for bs)."""
+    return VersionChain(store if model == ROOT_MODEL else PrefixedStore(store, model_prefix(model)))
+
+
+async def commit_model(store: ObjectStore, *, which: int = 0, model: str = ROOT_MODEL
+                       ) -> VersionRecord:
+    """Commit snapshot `which` of the tiny GBM to `model`'s chain, or of the tiny Heston model
+    when `model` is "heston"."""
+    snapshots = trained_heston_snapshots() if model == "heston" else trained_snapshots()
+    snapshot, metrics = snapshots[which]
+    return await model_chain(store, model).commit(
         snapshot, message="tiny test model, step {step} loss {loss}", metrics=metrics
     )
 
 
+HESTON = NamedModelSettings(core=tiny_heston_config(), training=False)
+
+
 def make_settings(
-    *, jobs_file: Path | None = None, poll_interval_s: float = 5.0, **server: Any
+    *, jobs_file: Path | None = None, poll_interval_s: float = 5.0,
+    models: dict[str, NamedModelSettings] | None = None, **server: Any
 ) -> Settings:
     return Settings(
         server=ServerSettings(**server),
         training=TrainingSettings(enabled=False),
         model=ModelSettings(poll_interval_s=poll_interval_s),
         jobs=JobsSettings(config_file=jobs_file),
+        models=models or {},
     )
 
 

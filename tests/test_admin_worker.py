@@ -117,11 +117,11 @@ async def test_trains_commits_and_serves_the_promoted_version(running: Any) -> N
 
     await until(serves_promoted, what="the tracking client to serve the serving ref")
     metrics = await (await client.get("/metrics")).text()
-    assert 'spectralmc_commits_total{result="ok"}' in metrics
+    assert 'spectralmc_commits_total{model="bs",result="ok"}' in metrics
     assert "spectralmc_training_step" in metrics
     assert "spectralmc_model_version_info{" in metrics
-    assert 'spectralmc_promotions_total{reason="first",result="promoted"} 1.0' in metrics
-    assert "spectralmc_serving_version " in metrics
+    assert 'spectralmc_promotions_total{model="bs",reason="first",result="promoted"} 1.0' in metrics
+    assert 'spectralmc_serving_version{model="bs"} ' in metrics
 
 
 async def test_pause_resume_and_manual_commit(running: Any) -> None:

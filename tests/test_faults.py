@@ -203,7 +203,7 @@ async def test_worker_resumes_from_the_newest_loadable_version() -> None:
         trainer.train(steps=5)
         head = await chain.commit(committable_snapshot(trainer), metrics={"step": 10})
     await _rot(store, head)
-    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()))
+    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()).for_model("bs"))
     await worker.start()
     try:
         assert worker.state != "error", worker.error
@@ -247,7 +247,7 @@ async def test_worker_waits_for_the_store_at_start() -> None:
         trainer.train(steps=3)
         await chain.commit(committable_snapshot(trainer))
     store.down = True
-    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()))
+    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()).for_model("bs"))
     await worker.start()
     try:
         assert worker.state == "starting" and "waiting for the store" in (worker.error or "")
@@ -272,7 +272,7 @@ async def test_worker_refuses_when_no_version_loads() -> None:
         trainer.train(steps=2)
         only = await chain.commit(committable_snapshot(trainer))
     await _rot(store, only)
-    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()))
+    worker = TrainingWorker(settings, chain, Metrics(CollectorRegistry()).for_model("bs"))
     await worker.start()
     assert worker.state == "error" and "no loadable version" in (worker.error or "")
     await worker.stop()

@@ -243,7 +243,7 @@ async def test_a_refused_version_is_counted_in_metrics(aiohttp_client) -> None: 
     client = await start_client(
         aiohttp_client, store=store, settings=make_settings(poll_interval_s=0.05), wait_ready=False
     )
-    line = 'spectralmc_model_load_failures_total{kind="corrupt"}'
+    line = 'spectralmc_model_load_failures_total{kind="corrupt",model="bs"}'
     for _ in range(200):
         text = await (await client.get("/metrics")).text()
         counted = [ln for ln in text.splitlines() if ln.startswith(line)]

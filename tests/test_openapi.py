@@ -226,11 +226,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Actor": "openapi-test"}
 PIN = "/v1/admin/model/pin"
 TRAINING = "/v1/admin/training"
 CONTROL = ("/v1/admin/training/pause", "/v1/admin/training/resume", "/v1/admin/training/commit")
-ADMIN_ROUTES = {
+_DEFAULT_MODEL_ADMIN = {
     ("put", PIN),
     ("delete", PIN),
     ("get", TRAINING),
     *(("post", path) for path in CONTROL),
+}
+# the same routes per named model: /v1/admin/models/{model}/pin, .../training, ...
+ADMIN_ROUTES = _DEFAULT_MODEL_ADMIN | {
+    (method, path.replace("/v1/admin/model/", "/v1/admin/models/{model}/").replace(
+        "/v1/admin/training", "/v1/admin/models/{model}/training"))
+    for method, path in _DEFAULT_MODEL_ADMIN
 }
 
 
@@ -288,7 +294,8 @@ async def test_admin_responses_with_training_disabled_match_the_spec(
     await check("put", PIN, PIN, status=400, data=b"{version", headers=headers)
     for token_header in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN}):
         for method, path in sorted(ADMIN_ROUTES):
-            body = await check(method, path, path, status=401, headers=token_header)
+            url = path.replace("{model}", "bs")
+            body = await check(method, url, path, status=401, headers=token_header)
             assert body["error"] == "unauthorized"
     assert check.seen == ADMIN_ROUTES  # type: ignore[attr-defined]
     assert await check.client.app[CHAIN_KEY].log() == []  # type: ignore[attr-defined]
@@ -299,7 +306,7 @@ async def test_admin_routes_without_a_configured_token_answer_401(
 ) -> None:
     check = await make_check(_admin_app(tmp_path / "store", training=False, token=None))
     for method, path in sorted(ADMIN_ROUTES):
-        body = await check(method, path, path, status=401, headers=AUTH)
+        body = await check(method, path.replace("{model}", "bs"), path, status=401, headers=AUTH)
         assert "disabled" in body["detail"]
 
 
@@ -340,7 +347,13 @@ async def test_admin_responses_while_training_match_the_spec(
     assert body["unpinned"] == 1
     assert body["model"]["mode"] == "tracking"
     assert app[MODEL_KEY].current is not None
-    assert check.seen == ADMIN_ROUTES  # type: ignore[attr-defined]
+    per_model = "/v1/admin/models/{model}/training"
+    body = await check("get", "/v1/admin/models/bs/training", per_model, status=200, headers=AUTH)
+    assert body["name"] == "bs" and body["model"]["loaded"] is not None
+    missing = await check("get", "/v1/admin/models/sabr/training", per_model, status=404,
+                          headers=AUTH)
+    assert "sabr" in missing["detail"]
+    assert check.seen == _DEFAULT_MODEL_ADMIN | {("get", per_model)}  # type: ignore[attr-defined]
 
 
 def test_schemas_reject_drift(spec: dict[str, Any]) -> None:

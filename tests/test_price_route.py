@@ -184,7 +184,7 @@ async def test_overload_is_refused_at_once_with_retry_after_and_counted(client: 
     await drain(service, release)
     assert (await first).status == 200
     text = await (await client.get("/metrics")).text()
-    assert 'spectralmc_pricing_rejections_total{reason="queue_full"} 1.0' in text
+    assert 'spectralmc_pricing_rejections_total{model="bs",reason="queue_full"} 1.0' in text
     assert "spectralmc_pricing_queue_delay_seconds_count" in text
     assert "spectralmc_pricing_batch_rows_bucket" in text
     assert "spectralmc_pricing_inflight_rows_count" in text

@@ -137,7 +137,7 @@ def test_file_then_env_override_defaults(tmp_path: Path) -> None:
         ({"SPECTRALMC_MODEL__MODE": "sometimes"}, "model.mode"),
         ({"SPECTRALMC_CORE__SIM__PATHS_PER_CONTRACT": "1000"}, "core.sim"),
         ({"SPECTRALMC_TRAINING__COMMIT__MESSAGE_TEMPLATE": "{oops}"}, "unknown fields ['oops']"),
-        ({"SPECTRALMC_CORE__PROCESS": "heston"}, "the service serves gbm models only"),
+        ({"SPECTRALMC_CORE__PROCESS": "heston"}, "serve heston as a named model"),
         ({"SPECTRALMC_CORE__PROCESS": "sabr"}, "core.process"),
     ],
 )

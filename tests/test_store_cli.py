@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from storage.chain import VersionChain, blob_key
 from storage.cli import main
 from storage.localstore import LocalStore
+from storage.prefixed import model_store
 from tests.storage_fixtures import MotoServer, make_snapshot, moto_server, new_bucket, s3_store
 
 __all__ = ["moto_server"]
@@ -26,8 +27,8 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out.getvalue(), err
 
 
-async def _fill(root: Path, n: int = 4) -> VersionChain:
-    chain = VersionChain(LocalStore(root))
+async def _fill(root: Path, n: int = 4, *, model: str = "bs") -> VersionChain:
+    chain = VersionChain(model_store(LocalStore(root), model))
     for i in range(1, n + 1):
         await chain.commit(
             make_snapshot(i, size=3),
@@ -49,6 +50,24 @@ def test_read_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0 and json.loads(out)["counter"] == 3
     code, out, _ = run(["--url", url, "verify"], capsys)
     assert code == 0 and out.startswith("ok: 4 versions verified")
+
+
+def test_model_option_acts_on_that_models_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(_fill(tmp_path, 2))  # bs: the store's root
+    asyncio.run(_fill(tmp_path, 3, model="heston"))  # models/heston/
+    url = f"file://{tmp_path}"
+    assert len(run(["--url", url, "list-versions"], capsys)[1].splitlines()) == 2
+    code, out, _ = run(["--url", url, "--model", "heston", "list-versions"], capsys)
+    assert code == 0 and len(out.splitlines()) == 3
+    assert run(["--url", url, "--model", "heston", "--actor", "al", "pin", "2"], capsys)[0] == 0
+    _, log, _ = run(["--url", url, "--model", "heston", "log"], capsys)
+    assert "al" in log and "pin" in log
+    assert "pin" not in run(["--url", url, "log"], capsys)[1]  # bs's audit log is untouched
+    code, out, _ = run(["--url", url, "--model", "heston", "verify"], capsys)
+    assert code == 0 and out.startswith("ok: 3 versions verified")
+    assert (tmp_path / "models" / "heston").is_dir()
 
 
 def test_refs_gc_and_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,6 +118,7 @@ def test_integrity_failures_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture
         (["--url", "file:///tmp/x", "inspect", "0"], "version must be >= 1"),
         (["--url", "ftp://nope", "verify"], "unknown store scheme"),
         (["--url", "file:///tmp/x", "gc-preview"], "--keep"),
+        (["--url", "file:///tmp/x", "--model", "../bs", "verify"], "a model name must match"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(

@@ -54,7 +54,9 @@ async def test_worker_writes_live_scalars_and_closes_on_stop(tmp_path: Path) -> 
         core=tiny_config(),  # validation every 10 steps
     )
     worker = TrainingWorker(
-        settings, VersionChain(LocalStore(tmp_path / "store")), Metrics(CollectorRegistry())
+        settings,
+        VersionChain(LocalStore(tmp_path / "store")),
+        Metrics(CollectorRegistry()).for_model("bs"),
     )
     await worker.start()
     deadline = asyncio.get_running_loop().time() + 60
@@ -74,9 +76,16 @@ async def test_worker_writes_live_scalars_and_closes_on_stop(tmp_path: Path) -> 
     acc = _read(tmp_path / "tb")
     tags = set(acc.Tags()["scalars"])
     assert {
-        "train/loss", "train/lr", "train/samples_per_s", "train/steps_per_s", "train/grad_norm",
-        "quality/val_loss", "quality/val_mean_abs_bp", "quality/val_max_abs_bp",
-        TB_PROMOTED_VERSION, TB_ERROR_OVER_FLOOR,
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "train/steps_per_s",
+        "train/grad_norm",
+        "quality/val_loss",
+        "quality/val_mean_abs_bp",
+        "quality/val_max_abs_bp",
+        TB_PROMOTED_VERSION,
+        TB_ERROR_OVER_FLOOR,
     } <= tags
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [5, 10, 15, 20, 25, 30, 35, 40]
@@ -95,7 +104,9 @@ async def test_worker_writes_live_scalars_and_closes_on_stop(tmp_path: Path) -> 
 async def test_worker_without_tensorboard_dir_writes_nothing(tmp_path: Path) -> None:
     settings = Settings(training=TrainingSettings(device="cpu"), core=tiny_config())
     worker = TrainingWorker(
-        settings, VersionChain(LocalStore(tmp_path / "store")), Metrics(CollectorRegistry())
+        settings,
+        VersionChain(LocalStore(tmp_path / "store")),
+        Metrics(CollectorRegistry()).for_model("bs"),
     )
     worker.record_promotion(1)  # off: a no-op
     assert worker.tensorboard is None

@@ -404,4 +404,4 @@ async def test_metrics_count_valuations(ready: tuple[Client, dict[str, Any]]) ->
     assert 'spectralmc_valuations_total{result="ok"} 1.0' in text
     assert 'spectralmc_valuations_total{result="error"} 1.0' in text
     # Four model rows (the forward is closed form), counted once by the model service.
-    assert "spectralmc_contracts_priced_total 4.0" in text
+    assert 'spectralmc_contracts_priced_total{model="bs"} 4.0' in text

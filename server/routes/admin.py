@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.errors import FieldError, RequestInvalid
 from server.http import read_json
-from server.keys import CHAIN_KEY, MODEL_KEY, SETTINGS_KEY, WORKER_KEY
+from server.keys import MODELS_KEY, SETTINGS_KEY
+from server.models import ServedModel, served_model
 from server.valuation import MAX_VERSION
 from server.worker import TrainingWorker
 
@@ -82,10 +83,17 @@ def admin_actor(request: web.Request) -> str:
     return f"admin:{actor}"
 
 
+def _model(request: web.Request) -> ServedModel:
+    """The model the path names (`/v1/admin/models/{model}/...`), else the default model;
+    404 naming an unknown one."""
+    name = request.match_info.get("model", request.app[SETTINGS_KEY].server.default_model)
+    return served_model(request.app[MODELS_KEY], name)
+
+
 async def put_pin(request: web.Request) -> web.Response:
     actor = admin_actor(request)
+    service = _model(request).service
     body = await read_json(request, PinBody)
-    service = request.app[MODEL_KEY]
     target: int | str = body.version if body.version is not None else str(body.ref)
     counter = await service.pin(target, actor=actor)
     cur = service.current
@@ -94,7 +102,7 @@ async def put_pin(request: web.Request) -> web.Response:
 
 async def delete_pin(request: web.Request) -> web.Response:
     actor = admin_actor(request)
-    service = request.app[MODEL_KEY]
+    service = _model(request).service
     old = await service.unpin(actor=actor)
     cur = service.current
     return web.json_response({"unpinned": old, "model": None if cur is None else cur.as_json()})
@@ -102,46 +110,51 @@ async def delete_pin(request: web.Request) -> web.Response:
 
 async def get_training(request: web.Request) -> web.Response:
     require_admin(request)
-    worker = request.app[WORKER_KEY]
+    served = _model(request)
+    worker = served.worker
     return web.json_response(
         {
+            "name": served.name,
             "training": worker.status() if worker is not None else {"state": "disabled"},
-            "model": request.app[MODEL_KEY].status(),
+            "model": served.service.status(),
         }
     )
 
 
-def _worker(request: web.Request) -> TrainingWorker:
-    worker = request.app[WORKER_KEY]
-    if worker is None:
-        raise web.HTTPConflict(text="training is disabled in settings (training.enabled = false)")
-    return worker
+def _worker(request: web.Request) -> tuple[ServedModel, TrainingWorker]:
+    served = _model(request)
+    if served.worker is None:
+        raise web.HTTPConflict(
+            text=f"training of model {served.name!r} is disabled in settings "
+            "(training.enabled = false, or models.<name>.training = false)"
+        )
+    return served, served.worker
 
 
 async def post_pause(request: web.Request) -> web.Response:
     actor = admin_actor(request)
-    worker = _worker(request)
+    served, worker = _worker(request)
     worker.pause()
-    await request.app[CHAIN_KEY].append_audit("training.pause", actor=actor)
+    await served.chain.append_audit("training.pause", actor=actor)
     return web.json_response({"training": worker.status()})
 
 
 async def post_resume(request: web.Request) -> web.Response:
     actor = admin_actor(request)
-    worker = _worker(request)
+    served, worker = _worker(request)
     worker.resume()
-    await request.app[CHAIN_KEY].append_audit("training.resume", actor=actor)
+    await served.chain.append_audit("training.resume", actor=actor)
     return web.json_response({"training": worker.status()})
 
 
 async def post_commit(request: web.Request) -> web.Response:
     actor = admin_actor(request)
-    worker = _worker(request)
+    served, worker = _worker(request)
     try:
         record = await worker.commit_now(actor=actor)
     except RuntimeError as exc:
         raise web.HTTPConflict(text=str(exc)) from None
-    await request.app[CHAIN_KEY].append_audit(
+    await served.chain.append_audit(
         "training.commit",
         actor=actor,
         new=record.counter,
@@ -162,3 +175,11 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/admin/training/pause", post_pause, name="admin_training_pause")
     app.router.add_post("/v1/admin/training/resume", post_resume, name="admin_training_resume")
     app.router.add_post("/v1/admin/training/commit", post_commit, name="admin_training_commit")
+    # the same per named model; the routes above act on [server] default_model
+    m = "/v1/admin/models/{model}"
+    app.router.add_put(f"{m}/pin", put_pin, name="admin_model_pin")
+    app.router.add_delete(f"{m}/pin", delete_pin, name="admin_model_unpin")
+    app.router.add_get(f"{m}/training", get_training, name="admin_model_training")
+    app.router.add_post(f"{m}/training/pause", post_pause, name="admin_model_training_pause")
+    app.router.add_post(f"{m}/training/resume", post_resume, name="admin_model_training_resume")
+    app.router.add_post(f"{m}/training/commit", post_commit, name="admin_model_training_commit")

@@ -1,0 +1,208 @@
+"""Named models: settings, one chain per model under models/<name>/, GET /v1/models, admin
+routes per model, and the `model` label on the per-model metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from config.settings import NamedModelSettings, RetentionSettings, SettingsError, load_settings
+from server.retention import MODEL_RETENTIONS_KEY
+from storage.localstore import LocalStore
+from storage.objectstore import ObjectStore
+from tests.server_fixtures import (
+    HESTON,
+    check_schema,
+    commit_model,
+    make_settings,
+    model_chain,
+    start_client,
+    trained_snapshots,
+    until,
+)
+from tests.test_admin_worker import TOKEN
+
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _settings(**kw: Any) -> Any:
+    s = make_settings(models={"heston": HESTON}, poll_interval_s=0.05, **kw)
+    return s.model_copy(update={"admin": s.admin.model_copy(update={"token": _secret()})})
+
+
+def _secret() -> Any:
+    return SecretStr(TOKEN)
+
+
+@pytest.fixture
+async def store(tmp_path: Any) -> ObjectStore:
+    s = LocalStore(tmp_path / "store")
+    await commit_model(s)  # bs: the store's root, as every store before named models
+    await commit_model(s, model="heston")
+    return s
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[models."Bad Name".core]\nprocess = "heston"\n', "a model name must match"),
+        ('[models.bs.core]\nprocess = "gbm"\n', "'bs' is \\[core\\] and \\[model\\]"),
+        ('[server]\ndefault_model = "sabr"\n', "default_model = 'sabr' names no model"),
+        ('[models.heston.core]\nprocess = "sabr"\n', "models.heston.core.process"),
+    ],
+)
+def test_bad_model_settings_name_the_field(tmp_path: Any, toml: str, message: str) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text(toml)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(f, env={})
+
+
+def test_a_named_model_reads_its_own_core_model_and_training(tmp_path: Any) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text('[models.heston]\ntraining = false\n[models.heston.core]\nprocess = "heston"\n'
+                 '[models.heston.model]\nmode = "pinned"\npin_ref = "prod"\n')
+    s = load_settings(f, env={})
+    own = s.for_model("heston")
+    assert own.core.process == "heston" and own.model.pin_ref == "prod"
+    assert not own.training.enabled and s.training.enabled
+    assert s.for_model("bs") is s
+    env = {"SPECTRALMC_MODELS__HESTON__MODEL__POLL_INTERVAL_S": "2.5"}
+    assert load_settings(f, env=env).models["heston"].model.poll_interval_s == 2.5
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+async def test_each_model_serves_its_own_chain(aiohttp_client: Any, store: ObjectStore) -> None:
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+
+    async def both_loaded() -> bool:
+        body = await (await client.get("/v1/models")).json()
+        return all(m["live"] is not None for m in body["models"])
+
+    await until(both_loaded, what="both models to load")
+    resp = await client.get("/v1/models")
+    body = await resp.json()
+    check_schema(body, "ModelList")
+    assert body["default"] == "bs"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert by_name["bs"]["process"] == "gbm" and by_name["bs"]["chain"] == "/"
+    heston = by_name["heston"]
+    assert heston["process"] == "heston" and heston["chain"] == "models/heston/"
+    assert heston["domain"]["rho"] == [-0.95, 0.2]
+    assert heston["training"] == "disabled"
+    heston_rec = (await model_chain(store, "heston").list())[-1]
+    assert heston["live"]["counter"] == heston_rec.counter
+    assert heston["live"]["version_hash"] == heston_rec.version_hash
+    # the heston chain lives under its prefix; the root chain holds only the bs version
+    keys = await store.list("models/")
+    assert keys and all(k.startswith("models/heston/") for k in keys)
+    assert len(await model_chain(store).list()) == 1
+    one = await client.get("/v1/models/heston")
+    assert (await one.json())["name"] == "heston"
+    missing = await client.get("/v1/models/sabr")
+    assert missing.status == 404
+    assert "model 'sabr' is not served here" in (await missing.json())["detail"]
+
+
+async def test_a_version_of_another_process_is_not_served(aiohttp_client: Any,
+                                                         tmp_path: Any) -> None:
+    s = LocalStore(tmp_path / "store")
+    await commit_model(s)
+    # a gbm version committed into the heston chain: loading it as heston must fail
+    await model_chain(s, "heston").commit(
+        _gbm_snapshot(),
+        message="wrong process", metrics={},
+    )
+    client = await start_client(aiohttp_client, store=s, settings=_settings())
+
+    async def failed() -> bool:
+        text = await (await client.get("/metrics")).text()
+        return 'spectralmc_model_load_failures_total{kind="ProcessMismatch",model="heston"}' in text
+
+    await until(failed, what="the heston model to refuse a gbm version")
+    body = await (await client.get("/v1/models/heston")).json()
+    assert body["live"] is None
+
+
+def _gbm_snapshot() -> Any:
+    return trained_snapshots()[0][0]
+
+
+async def test_admin_pins_per_model_and_audits_in_its_chain(aiohttp_client: Any,
+                                                          store: ObjectStore) -> None:
+    await commit_model(store, model="heston")  # heston v2
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+    resp = await client.put("/v1/admin/models/heston/pin", json={"version": 1}, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["pinned"] == 1
+
+    async def pinned() -> bool:
+        body = await (await client.get("/v1/models/heston")).json()
+        return body["live"] is not None and body["live"]["counter"] == 1
+
+    await until(pinned, what="heston to serve the pinned version")
+    heston_log = await model_chain(store, "heston").log()
+    assert [e.action for e in heston_log if e.action.startswith("pin")]
+    root_log = await model_chain(store).log()
+    assert not [e for e in root_log if e.action.startswith("pin")]
+    # bs is untouched
+    bs = await (await client.get("/v1/models/bs")).json()
+    assert bs["live"]["mode"] == "tracking"
+    unknown = await client.put("/v1/admin/models/sabr/pin", json={"version": 1}, headers=ADMIN)
+    assert unknown.status == 404
+    status = await client.get("/v1/admin/models/heston/training", headers=ADMIN)
+    assert (await status.json())["training"]["state"] == "disabled"
+    pause = await client.post("/v1/admin/models/heston/training/pause", headers=ADMIN)
+    assert pause.status == 409 and "model 'heston'" in await pause.text()
+
+
+async def test_metrics_carry_the_model_label(aiohttp_client: Any, store: ObjectStore) -> None:
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+
+    async def both() -> bool:
+        text = await (await client.get("/metrics")).text()
+        return all(f'model="{m}"' in text and "spectralmc_model_version_info{" in text
+                   for m in ("bs", "heston"))
+
+    await until(both, what="both models' version series")
+    text = await (await client.get("/metrics")).text()
+    info = [ln for ln in text.splitlines() if ln.startswith("spectralmc_model_version_info{")]
+    assert sorted('model="heston"' in ln for ln in info) == [False, True]
+
+
+def test_named_model_settings_default_to_training_on() -> None:
+    assert NamedModelSettings().training
+
+
+async def test_each_model_chain_has_its_own_retention(aiohttp_client: Any,
+                                                     store: ObjectStore) -> None:
+    # v2 has its own blob; versions that share a blob with a kept one are not collected
+    await commit_model(store, model="heston", which=1)
+    settings = _settings().model_copy(
+        update={"retention": RetentionSettings(keep_last=1, ladder=())}
+    )
+    client = await start_client(aiohttp_client, store=store, settings=settings)
+
+    async def heston_served() -> bool:
+        body = await (await client.get("/v1/models/heston")).json()
+        return body["live"] is not None and body["live"]["counter"] == 2
+
+    await until(heston_served, what="heston to serve its HEAD")
+    services = client.app[MODEL_RETENTIONS_KEY]
+    assert [s.model for s in services] == ["bs", "heston"]
+    report = await services[1].run_once()
+    assert report.errors == {} and report.collected == [1]
+    verified = await model_chain(store, "heston").verify()
+    assert verified.ok and verified.collected == [1]  # a tombstone in heston's own chain
+    assert (await model_chain(store).verify()).collected == []  # bs's chain untouched
+    gc = [e for e in await model_chain(store, "heston").log() if e.action.startswith("gc")]
+    assert gc  # audited in heston's own chain
+    text = await (await client.get("/metrics")).text()
+    assert 'spectralmc_store_bytes{model="heston"}' in text
