@@ -52,7 +52,8 @@ class ServerSettings(_Group):
     max_future_data_asof_s: float = Field(default=300.0, ge=0.0)
     # POST /v1/scenarios: samples per request (each is a float in the answer, ~20 bytes)
     max_scenario_samples: int = Field(default=100_000, ge=1, le=10_000_000)
-    # The model a request that names none is priced by: "bs" or a name under [models].
+    # The model a request that names none is priced by, and the admin routes without a model
+    # act on: "bs" or a gbm model under [models] (the pricing routes take GBM contracts).
     default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)
 
 
@@ -278,6 +279,14 @@ class Settings(BaseSettings):
                 f"server.default_model = {self.server.default_model!r} names no model "
                 f"(models: {known})"
             )
+        if self.server.default_model != ROOT_MODEL:
+            process = self.models[self.server.default_model].core.process
+            if process != "gbm":
+                # the pricing routes take GBM contracts (X0, K, T, r, d, v) today
+                raise ValueError(
+                    f"server.default_model = {self.server.default_model!r} is a {process} "
+                    "model; the pricing routes price GBM contracts, so it must be a gbm model"
+                )
         return self
 
     def for_model(self, name: str) -> Settings:

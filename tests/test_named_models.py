@@ -54,6 +54,8 @@ async def store(tmp_path: Any) -> ObjectStore:
         ('[models.bs.core]\nprocess = "gbm"\n', "'bs' is \\[core\\] and \\[model\\]"),
         ('[server]\ndefault_model = "sabr"\n', "default_model = 'sabr' names no model"),
         ('[models.heston.core]\nprocess = "sabr"\n', "models.heston.core.process"),
+        ('[server]\ndefault_model = "heston"\n[models.heston.core]\nprocess = "heston"\n',
+         "'heston' is a heston model; the pricing routes price GBM contracts"),
     ],
 )
 def test_bad_model_settings_name_the_field(tmp_path: Any, toml: str, message: str) -> None:
