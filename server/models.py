@@ -20,6 +20,8 @@ from server.metrics import Metrics, ModelMetrics
 from server.model import BatchStats, ModelInfo, ModelService
 from server.scenarios import ScenarioSampler
 from server.worker import TrainingWorker
+from spectral_core.pricer import contract_fields, greek_names
+from spectral_core.processes import get_process
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import NotFound, ObjectStore
 from storage.prefixed import ROOT_MODEL, model_prefix, model_store
@@ -44,6 +46,15 @@ class ServedModel:
     @property
     def process(self) -> str:
         return self.settings.core.process
+
+    @property
+    def contract_fields(self) -> tuple[str, ...]:
+        """The contract fields this model prices (GBM: X0, K, T, r, d, v)."""
+        return contract_fields(get_process(self.process))
+
+    @property
+    def greek_names(self) -> tuple[str, ...]:
+        return greek_names(get_process(self.process))
 
     def describe(self) -> dict[str, Any]:
         """The model as GET /v1/models lists it: process, domain, live version, mode, the

@@ -41,6 +41,7 @@ from storage.marketdata import (
     format_utc,
     year_fraction_act365,
 )
+from storage.prefixed import MODEL_NAME_PATTERN
 
 # A hard ceiling on free-form strings; settings.server.max_string_len narrows it per deployment.
 MAX_STRING_LEN = 1024
@@ -84,6 +85,7 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STRING_LEN)
 # The chain's counter range: a larger number can name no version (422, not a store error).
 MAX_VERSION = 9_999_999_999
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 
 
 class _Body(BaseModel):
@@ -110,16 +112,34 @@ class ValuationRequest(_Body):
 
 
 class ContractIn(_Body):
+    """Spot, strike, T, r, d and the parameters of the model's process: GBM's v; Heston's
+    v0, kappa, theta_v, xi, rho; Bates's those and lam, mu_j, sigma_j. Which of them a
+    contract must and may carry depends on the model (check_price_request)."""
+
     X0: PositiveFinite
     K: PositiveFinite
     T: Finite
     r: Finite
     d: Finite
-    v: Finite
+    v: Finite | None = None
+    v0: Finite | None = None
+    kappa: Finite | None = None
+    theta_v: Finite | None = None
+    xi: Finite | None = None
+    rho: Finite | None = None
+    lam: Finite | None = None
+    mu_j: Finite | None = None
+    sigma_j: Finite | None = None
+
+
+_PROCESS_PARAMS: tuple[str, ...] = (
+    "v", "v0", "kappa", "theta_v", "xi", "rho", "lam", "mu_j", "sigma_j"
+)
 
 
 class PriceRequest(_Body):
     contracts: list[ContractIn] = Field(min_length=1)
+    model: ModelName | None = None  # default: [server] default_model
     model_version: Version | None = None
     greeks: bool = False
     metrics: bool = False
@@ -210,13 +230,34 @@ def check_valuation_request(req: ValuationRequest, *, limits: Limits) -> None:
         raise RequestInvalid(fields, f"{len(fields)} invalid instrument field(s)")
 
 
-def check_price_request(req: PriceRequest, *, limits: Limits) -> None:
+def check_price_request(
+    req: PriceRequest, *, limits: Limits, fields: Sequence[str], model: str, process: str
+) -> None:
+    """At most max_items contracts, each carrying exactly the parameters of `model`'s
+    process (`fields`): a missing one or one of another process is a 422 naming it."""
     n = len(req.contracts)
     if n > limits.max_items:
         raise RequestInvalid(
             [FieldError("contracts", f"at most {limits.max_items} contracts, got {n}")],
             "too many contracts",
         )
+    wanted = [f for f in _PROCESS_PARAMS if f in fields]
+    errors: list[FieldError] = []
+    for i, c in enumerate(req.contracts):
+        for name in _PROCESS_PARAMS:
+            given = getattr(c, name) is not None
+            if name in wanted and not given:
+                errors.append(FieldError(f"contracts.{i}.{name}",
+                                         f"required by model {model!r} ({process})"))
+            elif given and name not in wanted:
+                errors.append(FieldError(
+                    f"contracts.{i}.{name}",
+                    f"not a parameter of model {model!r} ({process}: {', '.join(wanted)})",
+                ))
+        if len(errors) >= 20:  # enough to name the mistake; a 1,000-row book stays readable
+            break
+    if errors:
+        raise RequestInvalid(errors, f"contracts do not fit model {model!r}")
 
 
 def domain_invalid(exc: DomainError, *, path: str, source: str | None = None) -> RequestInvalid:
@@ -248,13 +289,19 @@ def _records(
 
 
 async def price_contracts(
-    req: PriceRequest, *, model: ModelService, deadline_s: float | None = None
+    req: PriceRequest,
+    *,
+    model: ModelService,
+    fields: Sequence[str] = CONTRACT_FIELDS,
+    greeks: Sequence[str] = GREEKS,
+    name: str | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
-    """Price (X0, K, T, r, d, v) contracts as given: every output per contract, plus the model."""
+    """Price contracts as given (their `fields`, checked by check_price_request): every output
+    per contract, plus the model (named `name` in the answer when given)."""
     n = len(req.contracts)
     columns = {
-        name: np.fromiter((getattr(c, name) for c in req.contracts), np.float64, n)
-        for name in CONTRACT_FIELDS
+        f: np.fromiter((getattr(c, f) for c in req.contracts), np.float64, n) for f in fields
     }
     try:
         batch = await model.price(
@@ -268,20 +315,22 @@ async def price_contracts(
         raise domain_invalid(exc, path=f"contracts.{exc.index}.{exc.field}") from None
     v = batch.values
     rows = _records(PRICE_KEYS, v, n)
-    for row, inputs in zip(rows, _records(CONTRACT_FIELDS, columns, n), strict=True):
+    for row, inputs in zip(rows, _records(fields, columns, n), strict=True):
         row["inputs"] = inputs
     if req.greeks:
         per_kind = {
-            kind: _records(GREEKS, {g: v[f"{kind}_{g}"] for g in GREEKS}, n)
+            kind: _records(greeks, {g: v[f"{kind}_{g}"] for g in greeks}, n)
             for kind in ("put", "call")
         }
         for row, put, call in zip(rows, per_kind["put"], per_kind["call"], strict=True):
             row["greeks"] = {"put": put, "call": call}
     if req.metrics:
-        metric_keys = _metric_keys(v)
+        greek_keys = {f"{k}_{g}" for k in ("put", "call") for g in greeks}
+        metric_keys = sorted(set(v) - set(PRICE_KEYS) - greek_keys)
         for row, m in zip(rows, _records(metric_keys, v, n), strict=True):
             row["metrics"] = m
-    return {"model": batch.model.as_json(), "contracts": rows}
+    info = batch.model.as_json()
+    return {"model": info if name is None else {"name": name, **info}, "contracts": rows}
 
 
 # --- valuation ----------------------------------------------------------------------------------

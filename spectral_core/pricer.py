@@ -50,6 +50,16 @@ class DomainError(ValueError):
         )
 
 
+def contract_fields(process: Process) -> tuple[str, ...]:
+    """The contract columns `process` prices: X0, K and its request fields."""
+    return ("X0", "K", *process.request_fields)
+
+
+def greek_names(process: Process) -> tuple[str, ...]:
+    """The greeks a `price(greeks=True)` call returns for `process`, in their order."""
+    return ("delta", "gamma", *process.model_greeks, "theta", "rho")
+
+
 class Contracts:
     """A batch of contracts: spot X0, strike K and the process parameters (request names, e.g.
     GBM's (T, r, d, v)), each a float64 array of one shape (B,)."""
@@ -113,13 +123,11 @@ class Pricer:
     ) -> None:
         self.config = config
         self.process: Process = get_process(config.process)
-        self.contract_fields: tuple[str, ...] = ("X0", "K", *self.process.request_fields)
+        self.contract_fields: tuple[str, ...] = contract_fields(self.process)
         # request field -> domain parameter it is checked against (GBM: v -> sigma)
         self._domain_field = dict(zip(self.process.request_fields, self.process.names,
                                       strict=True))
-        self.greek_names: tuple[str, ...] = (
-            "delta", "gamma", *self.process.model_greeks, "theta", "rho"
-        )
+        self.greek_names: tuple[str, ...] = greek_names(self.process)
         # (request field, lower, upper) of each field checked against the trained domain
         self._bounds: tuple[tuple[str, float, float], ...] = tuple(
             (name, config.domain.bounds(param).lower, config.domain.bounds(param).upper)

@@ -208,3 +208,83 @@ async def test_each_model_chain_has_its_own_retention(aiohttp_client: Any,
     assert gc  # audited in heston's own chain
     text = await (await client.get("/metrics")).text()
     assert 'spectralmc_store_bytes{model="heston"}' in text
+
+
+# ------------------------------------------------------------------------------ pricing
+
+HESTON_CONTRACTS = [
+    {"X0": 100.0, "K": 95.0, "T": 0.5, "r": 0.02, "d": 0.01,
+     "v0": 0.04, "kappa": 1.5, "theta_v": 0.05, "xi": 0.5, "rho": -0.6},
+    {"X0": 80.0, "K": 90.0, "T": 1.5, "r": 0.03, "d": 0.0,
+     "v0": 0.09, "kappa": 3.0, "theta_v": 0.03, "xi": 0.8, "rho": -0.2},
+]
+
+
+async def _serving(client: Any) -> None:
+    async def loaded() -> bool:
+        body = await (await client.get("/v1/models")).json()
+        return all(m["live"] is not None for m in body["models"])
+
+    await until(loaded, what="both models to load")
+
+
+async def test_price_names_its_model_and_takes_the_process_parameters(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    from spectral_core.pricer import Contracts, Pricer
+
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+    await _serving(client)
+    resp = await client.post("/v1/price", json={"model": "heston", "contracts": HESTON_CONTRACTS,
+                                                "greeks": True, "metrics": True})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    check_schema(body, "PriceResult")
+    record = (await model_chain(store, "heston").list())[-1]
+    assert body["model"]["name"] == "heston" and body["model"]["counter"] == record.counter
+    # the heston version itself, priced in-process on the same batch-invariant path
+    pricer = Pricer.from_snapshot(await model_chain(store, "heston").load_record(record),
+                                  reproducible=True)
+    cols = {k: [c[k] for c in HESTON_CONTRACTS] for k in HESTON_CONTRACTS[0]}
+    want = pricer.price(Contracts.from_columns(cols, fields=pricer.contract_fields),
+                        greeks=True, metrics=True)
+    for i, row in enumerate(body["contracts"]):
+        assert row["inputs"] == HESTON_CONTRACTS[i]
+        for key in ("put", "call", "digital_call", "forward"):
+            assert row[key] == pytest.approx(float(want[key][i]), rel=1e-12, abs=1e-12), key
+        greeks = row["greeks"]["put"]
+        assert set(greeks) == set(pricer.greek_names)  # d_v0 ... d_rho, no vega
+        assert "d_v0" in greeks and "vega" not in greeks
+        assert greeks["d_v0"] == pytest.approx(float(want["put_d_v0"][i]), rel=1e-12,
+                                               abs=1e-12)
+        assert "put_d_v0" not in row["metrics"] and "ST_q50" in row["metrics"]
+    # no model named: bs, as before
+    bs = await client.post("/v1/price", json={"contracts": [
+        {"X0": 100.0, "K": 100.0, "T": 1.0, "r": 0.02, "d": 0.0, "v": 0.2}]})
+    assert (await bs.json())["model"]["name"] == "bs"
+
+
+@pytest.mark.parametrize(
+    ("model", "change", "status", "field", "reason"),
+    [
+        ("heston", {"v0": None}, 422, "contracts.0.v0", "required by model 'heston' (heston)"),
+        ("heston", {"v": 0.2}, 422, "contracts.0.v", "not a parameter of model 'heston'"),
+        ("heston", {"kappa": 40.0}, 422, "contracts.0.kappa", "outside the model's trained"),
+        ("bs", {"v": None, "v0": None, "kappa": None, "theta_v": None, "xi": None, "rho": None},
+         422, "contracts.0.v", "required by model 'bs' (gbm)"),
+        ("sabr", {}, 404, None, "model 'sabr' is not served here"),
+    ],
+)
+async def test_price_refuses_contracts_that_do_not_fit_the_model(
+    aiohttp_client: Any, store: ObjectStore, model: str, change: dict[str, Any], status: int,
+    field: str | None, reason: str,
+) -> None:
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+    await _serving(client)
+    contract = {k: v for k, v in {**HESTON_CONTRACTS[0], **change}.items() if v is not None}
+    resp = await client.post("/v1/price", json={"model": model, "contracts": [contract]})
+    text = await resp.text()
+    assert resp.status == status, text
+    assert reason in text
+    if field is not None:
+        assert field in [f["path"] for f in (await resp.json())["fields"]]

@@ -1,11 +1,13 @@
-"""Direct pricing: contracts (X0, K, T, r, d, v) as given, no market data."""
+"""Direct pricing: contracts (X0, K and the model's process parameters) as given, no market
+data. A request names its model (`model`, default [server] default_model)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from server.http import admit, canonical_response, deadline_s, limits, read_json
-from server.keys import MODEL_KEY
+from server.keys import MODELS_KEY, SETTINGS_KEY
+from server.models import served_model
 from server.valuation import PriceRequest, check_price_request, price_contracts
 
 
@@ -13,8 +15,12 @@ async def price(request: web.Request) -> web.Response:
     admit(request)
     deadline = deadline_s(request)
     req = await read_json(request, PriceRequest)
-    check_price_request(req, limits=limits(request))
-    body = await price_contracts(req, model=request.app[MODEL_KEY], deadline_s=deadline)
+    name = req.model or request.app[SETTINGS_KEY].server.default_model
+    served = served_model(request.app[MODELS_KEY], name)
+    check_price_request(req, limits=limits(request), fields=served.contract_fields,
+                        model=name, process=served.process)
+    body = await price_contracts(req, model=served.service, fields=served.contract_fields,
+                                 greeks=served.greek_names, name=name, deadline_s=deadline)
     return canonical_response(body)
 
 
