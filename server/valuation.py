@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from server.errors import FieldError, RequestInvalid
 from server.model import ModelInfo, ModelService, PricedBatch
+from spectral_core.implied_vol import Kind, implied_vol
 from spectral_core.pricer import CONTRACT_FIELDS, GREEKS, Contracts, DomainError
 from storage.marketdata import (
     BookQuotes,
@@ -288,6 +289,27 @@ def _records(
     return [dict(zip(keys, row, strict=True)) for row in zip(*lists, strict=True)]
 
 
+def implied_vols(
+    price: Floats, *, S0: Floats, K: Floats, T: Floats, r: Floats, d: Floats, kind: Kind
+) -> tuple[list[float], list[str | None]]:
+    """Black-Scholes implied vols of model prices (Let's Be Rational, spectral_core.implied_vol):
+    NaN (written as null) with a reason where none exists, e.g. a price below intrinsic."""
+    if not price.size:
+        return [], []
+    with np.errstate(invalid="ignore"):
+        vol, reasons = implied_vol(price, S0=S0, K=K, T=T, r=r, d=d, kind=kind)
+    return vol.tolist(), reasons
+
+
+def _iv_fields(vols: Mapping[str, float], reasons: Mapping[str, str | None]) -> dict[str, Any]:
+    """`implied_vol` {put, call} and, where one is null, `implied_vol_reason` for it."""
+    out: dict[str, Any] = {"implied_vol": dict(vols)}
+    why = {k: r for k, r in reasons.items() if r is not None}
+    if why:
+        out["implied_vol_reason"] = why
+    return out
+
+
 async def price_contracts(
     req: PriceRequest,
     *,
@@ -317,6 +339,11 @@ async def price_contracts(
     rows = _records(PRICE_KEYS, v, n)
     for row, inputs in zip(rows, _records(fields, columns, n), strict=True):
         row["inputs"] = inputs
+    market = {k: columns[c] for k, c in (("S0", "X0"), ("K", "K"), ("T", "T"), ("r", "r"),
+                                          ("d", "d"))}
+    ivs = {kind: implied_vols(v[kind], **market, kind=kind) for kind in ("put", "call")}
+    for i, row in enumerate(rows):
+        row.update(_iv_fields({k: ivs[k][0][i] for k in ivs}, {k: ivs[k][1][i] for k in ivs}))
     if req.greeks:
         per_kind = {
             kind: _records(greeks, {g: v[f"{kind}_{g}"] for g in greeks}, n)
@@ -538,6 +565,7 @@ async def value_book(
     unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks)
     _price_forwards(req, inputs, rows, unit, unit_greeks)
     out_rows, totals = _answers(req, expiries, inputs, rows, unit, unit_greeks, values)
+    _attach_implied_vols(out_rows, types, K, inputs, unit)
     snap = stored.snapshot
     return {
         "valuation_namespace": req.valuation_namespace,
@@ -646,6 +674,26 @@ def _answers(
     if req.metrics:
         _attach_metrics(out_rows, rows, values)
     return out_rows, totals
+
+
+def _attach_implied_vols(
+    out_rows: list[dict[str, Any]], types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs,
+    unit: Floats,
+) -> None:
+    """Each European option's `implied_vol` (of its unit price; null with
+    `implied_vol_reason` where none exists). Digitals and forwards have none."""
+    options: tuple[tuple[str, Kind], ...] = (("european_call", "call"), ("european_put", "put"))
+    if not np.isin(types, [t for t, _ in options]).any():
+        return
+    S0, T, r, d = (inputs.column(name) for name in ("X0", "T", "r", "d"))
+    for t, kind in options:
+        sel = np.flatnonzero(types == t)
+        vols, reasons = implied_vols(unit[sel], S0=S0[sel], K=K[sel], T=T[sel], r=r[sel],
+                                     d=d[sel], kind=kind)
+        for i, vol, why in zip(sel.tolist(), vols, reasons, strict=True):
+            out_rows[i]["implied_vol"] = vol
+            if why is not None:
+                out_rows[i]["implied_vol_reason"] = why
 
 
 def _attach_metrics(

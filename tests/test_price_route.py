@@ -98,6 +98,47 @@ async def test_closed_form_parts_are_exact(client: Client) -> None:
         )
 
 
+def black_scholes(kind: str, *, X0: float, K: float, T: float, r: float, d: float,
+                  vol: float) -> float:
+    """The closed form (math.erf), independent of the inversion under test."""
+    n = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
+    sd = vol * math.sqrt(T)
+    d1 = (math.log(X0 / K) + (r - d) * T) / sd + 0.5 * sd
+    d2 = d1 - sd
+    if kind == "call":
+        return X0 * math.exp(-d * T) * n(d1) - K * math.exp(-r * T) * n(d2)
+    return K * math.exp(-r * T) * n(-d2) - X0 * math.exp(-d * T) * n(-d1)
+
+
+async def test_implied_vols_reprice_the_model_prices_by_black_scholes(client: Client) -> None:
+    body = await price(client, {"contracts": CONTRACTS})
+    check_schema(body, "PriceResult")
+    for c, row in zip(CONTRACTS, body["contracts"], strict=True):
+        assert "implied_vol_reason" not in row
+        market = {k: c[k] for k in ("X0", "K", "T", "r", "d")}
+        for kind in ("put", "call"):
+            vol = row["implied_vol"][kind]
+            assert 0.0 < vol < 3.0
+            assert black_scholes(kind, **market, vol=vol) == pytest.approx(
+                row[kind], rel=1e-10, abs=1e-12), kind
+        # the learned GBM's vol is the vol asked for, to its pricing error (a few vol-%)
+        assert row["implied_vol"]["put"] == pytest.approx(c["v"], abs=0.05)
+
+
+async def test_no_implied_vol_is_null_with_a_reason_never_zero(client: Client) -> None:
+    # a put this far out of the money prices at the COS series' rounding (<= 1e-13 of spot):
+    # no vol reproduces a price at or below intrinsic value
+    far = {"X0": 100.0, "K": 40.0, "T": 0.1, "r": 0.0, "d": 0.0, "v": 0.05}
+    body = await price(client, {"contracts": [far]})
+    check_schema(body, "PriceResult")
+    row = body["contracts"][0]
+    assert row["put"] <= row["put_intrinsic"] + 1e-13
+    # the call is the put plus the forward by parity: at its intrinsic value too
+    assert row["implied_vol"] == {"put": None, "call": None}
+    assert row["implied_vol_reason"] == {"put": "price below intrinsic value",
+                                         "call": "price below intrinsic value"}
+
+
 async def test_same_request_same_bytes_and_version_pinning(client: Client) -> None:
     raws = []
     for body in ({"contracts": CONTRACTS}, {"contracts": CONTRACTS}):

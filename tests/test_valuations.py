@@ -132,6 +132,7 @@ async def test_book_prices_equal_direct_pricing_and_echo_inputs(
         assert row["metrics"] == ref["metrics"]
         if row["type"].startswith("european_"):
             kind = UNIT_KEY[row["type"]]
+            assert row["implied_vol"] == ref["implied_vol"][kind] and row["implied_vol"] > 0
             for g in GREEKS:
                 assert row["unit_greeks"][g] == pytest.approx(ref["greeks"][kind][g], rel=1e-12)
 
@@ -143,6 +144,8 @@ async def test_book_prices_equal_direct_pricing_and_echo_inputs(
         assert inp["S0"] == {"value": 100.0, "source": "spot SPX"}
         assert inp["r"]["source"].startswith("zero_curve USD-OIS linear_rate")
         assert inp["d"]["source"].startswith("dividend_curve SPX linear_rate")
+        if not row["type"].startswith("european_"):
+            assert "implied_vol" not in row  # digitals and forwards have none
         if row["type"] == "forward":
             assert "sigma" not in inp and row["metrics"] is None
         else:
