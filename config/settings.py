@@ -52,6 +52,8 @@ class ServerSettings(_Group):
     max_future_data_asof_s: float = Field(default=300.0, ge=0.0)
     # POST /v1/scenarios: samples per request (each is a float in the answer, ~20 bytes)
     max_scenario_samples: int = Field(default=100_000, ge=1, le=10_000_000)
+    # POST /v1/calibrations: surface points one fit may use (each is a row of every pass)
+    max_calibration_points: int = Field(default=1_000, ge=1, le=100_000)
     # The model a request that names none is priced by, and the admin routes without a model
     # act on: "bs" or a gbm model under [models] (the pricing routes take GBM contracts).
     default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)

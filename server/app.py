@@ -11,9 +11,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from config.settings import Settings, StoreSettings
+from server.calibrations import Calibrator
 from server.errors import ErrorRule, builtin_rules, error_middleware
 from server.jobs import build_scheduler, jobs_ctx
 from server.keys import (
+    CALIBRATOR_KEY,
     CHAIN_KEY,
     CLOCK_KEY,
     JOBS_KEY,
@@ -193,6 +195,8 @@ def create_app(
     app[CHAIN_KEY] = default.chain
     app[MODEL_KEY] = default.service
     app[SCENARIOS_KEY] = default.sampler
+    app[CALIBRATOR_KEY] = Calibrator(models, app[MARKETDATA_KEY],
+                                     max_points=settings.server.max_calibration_points)
     app[WORKER_KEY] = default.worker
     app.cleanup_ctx.append(_close_store(store, owned=owned))
     app.cleanup_ctx.append(_serve_models)

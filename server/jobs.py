@@ -32,13 +32,13 @@ from server.keys import (
     JOBS_KEY,
     MARKETDATA_KEY,
     METRICS_KEY,
-    MODEL_KEY,
+    MODELS_KEY,
     SETTINGS_KEY,
     STORE_KEY,
     Clock,
 )
 from server.metrics import Metrics
-from server.model import ModelService
+from server.models import ServedModel, served_model
 from server.valuation import (
     Instrument,
     Limits,
@@ -189,12 +189,18 @@ class JobState:
         }
 
 
-def make_valuer(*, marketdata: MarketDataStore, model: ModelService, limits: Limits) -> ValueFn:
-    """The valuation a tick runs: the same checks and code as POST /v1/valuations."""
+def make_valuer(
+    *, marketdata: MarketDataStore, models: dict[str, ServedModel], default: str,
+    limits: Limits,
+) -> ValueFn:
+    """The valuation a tick runs: the same checks and code as POST /v1/valuations (the job's
+    `model`, else `default`; an unknown model fails the run with a 404 like the route)."""
 
     async def value(req: ValuationRequest) -> dict[str, Any]:
         check_valuation_request(req, limits=limits)
-        return await value_book(req, marketdata=marketdata, model=model)
+        served = served_model(models, req.model or default)
+        return await value_book(req, marketdata=marketdata, model=served.service,
+                                book_model=served.book_model)
 
     return value
 
@@ -336,7 +342,8 @@ def build_scheduler(app: web.Application) -> JobScheduler:
     )
     path = settings.jobs.config_file
     jobs = load_jobs(path, limits=limits) if path is not None else []
-    value = make_valuer(marketdata=app[MARKETDATA_KEY], model=app[MODEL_KEY], limits=limits)
+    value = make_valuer(marketdata=app[MARKETDATA_KEY], models=app[MODELS_KEY],
+                        default=settings.server.default_model, limits=limits)
     return JobScheduler(
         jobs, value=value, store=app[STORE_KEY], clock=app[CLOCK_KEY], metrics=app[METRICS_KEY]
     )

@@ -16,6 +16,7 @@ from server.metrics import Metrics
 if TYPE_CHECKING:
     # Types only: the error middleware imports this module for the request id, and must not
     # pull in the trainer, the pricer or the store backends (nor server.jobs, a cycle).
+    from server.calibrations import Calibrator
     from server.jobs import JobScheduler
     from server.model import ModelService
     from server.models import ServedModel
@@ -70,6 +71,7 @@ CHAIN_KEY: web.AppKey[VersionChain] = web.AppKey("chain")
 MODEL_KEY: web.AppKey[ModelService] = web.AppKey("model")
 MODELS_KEY: web.AppKey[dict[str, ServedModel]] = web.AppKey("models")
 SCENARIOS_KEY: web.AppKey[ScenarioSampler] = web.AppKey("scenarios")
+CALIBRATOR_KEY: web.AppKey[Calibrator] = web.AppKey("calibrator")
 # None when settings.training.enabled is false.
 WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")
 

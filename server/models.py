@@ -19,6 +19,7 @@ from config.settings import Settings
 from server.metrics import Metrics, ModelMetrics
 from server.model import BatchStats, ModelInfo, ModelService
 from server.scenarios import ScenarioSampler
+from server.valuation import BookModel
 from server.worker import TrainingWorker
 from spectral_core.pricer import contract_fields, greek_names
 from spectral_core.processes import get_process
@@ -55,6 +56,10 @@ class ServedModel:
     @property
     def greek_names(self) -> tuple[str, ...]:
         return greek_names(get_process(self.process))
+
+    @property
+    def book_model(self) -> BookModel:
+        return BookModel(self.name, self.process)
 
     def describe(self) -> dict[str, Any]:
         """The model as GET /v1/models lists it: process, domain, live version, mode, the

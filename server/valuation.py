@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -26,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from server.errors import FieldError, RequestInvalid
 from server.model import ModelInfo, ModelService, PricedBatch
 from spectral_core.implied_vol import Kind, implied_vol
-from spectral_core.pricer import CONTRACT_FIELDS, GREEKS, Contracts, DomainError
+from spectral_core.pricer import (
+    CONTRACT_FIELDS,
+    GREEKS,
+    Contracts,
+    DomainError,
+    contract_fields,
+    greek_names,
+)
+from spectral_core.processes import get_process
 from storage.marketdata import (
     BookQuotes,
     Finite,
@@ -42,7 +50,7 @@ from storage.marketdata import (
     format_utc,
     year_fraction_act365,
 )
-from storage.prefixed import MODEL_NAME_PATTERN
+from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL
 
 # A hard ceiling on free-form strings; settings.server.max_string_len narrows it per deployment.
 MAX_STRING_LEN = 1024
@@ -65,7 +73,6 @@ PRICE_KEYS: tuple[str, ...] = (
     "digital_put",
     "forward",
 )
-GREEK_KEYS: frozenset[str] = frozenset(f"{k}_{g}" for k in ("put", "call") for g in GREEKS)
 _UNIT_PRICE_KEY: Mapping[str, str] = {
     "european_call": "call",
     "european_put": "put",
@@ -89,6 +96,31 @@ Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 
 
+@dataclass(frozen=True)
+class BookModel:
+    """What a valuation needs to know of its model: its name (for model_params lookups and
+    the answer), the contract fields it prices and its greeks."""
+
+    name: str = ROOT_MODEL
+    process: str = "gbm"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return contract_fields(get_process(self.process))
+
+    @property
+    def greeks(self) -> tuple[str, ...]:
+        return greek_names(get_process(self.process))
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameters read off model_params (none for a GBM, whose vol is the surface's)."""
+        if self.process == "gbm":
+            return ()
+        return tuple(f for f in get_process(self.process).request_fields
+                     if f not in ("T", "r", "d"))
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -107,6 +139,7 @@ class ValuationRequest(_Body):
     val_datetime: UtcDatetime
     data_asof: UtcDatetime
     instruments: list[Instrument] = Field(min_length=1)
+    model: ModelName | None = None  # default: [server] default_model
     model_version: Version | None = None
     greeks: bool = False
     metrics: bool = False
@@ -274,8 +307,10 @@ def domain_invalid(exc: DomainError, *, path: str, source: str | None = None) ->
 # --- direct pricing -----------------------------------------------------------------------------
 
 
-def _metric_keys(values: Mapping[str, np.ndarray]) -> list[str]:
-    return sorted(set(values) - set(PRICE_KEYS) - GREEK_KEYS)
+def _metric_keys(values: Mapping[str, np.ndarray], greeks: Sequence[str] = GREEKS) -> list[str]:
+    """The distribution metrics among a price call's outputs: not a price, not a greek."""
+    greek_keys = {f"{k}_{g}" for k in ("put", "call") for g in greeks}
+    return sorted(set(values) - set(PRICE_KEYS) - greek_keys)
 
 
 def _records(
@@ -352,8 +387,7 @@ async def price_contracts(
         for row, put, call in zip(rows, per_kind["put"], per_kind["call"], strict=True):
             row["greeks"] = {"put": put, "call": call}
     if req.metrics:
-        greek_keys = {f"{k}_{g}" for k in ("put", "call") for g in greeks}
-        metric_keys = sorted(set(v) - set(PRICE_KEYS) - greek_keys)
+        metric_keys = _metric_keys(v, greeks)
         for row, m in zip(rows, _records(metric_keys, v, n), strict=True):
             row["metrics"] = m
     info = batch.model.as_json()
@@ -373,13 +407,19 @@ class _Inputs:
     T: list[float]
     T_source: list[str]
     quotes: BookQuotes
+    # a non-GBM model's parameters (v0, kappa, ...) per instrument; None where it needs none
+    params: Mapping[str, Sequence[Quote | None]] = field(default_factory=dict)
 
     def column(self, name: str) -> Floats:
-        """One pricer input (X0, T, r, d or v) of every instrument (n,); v is NaN without a vol."""
+        """One pricer input (X0, T, r, d, v or a model parameter) of every instrument (n,);
+        NaN where the instrument has none (v without a vol, a forward's model parameters)."""
         q = self.quotes
         n = len(self.T)
         if name == "T":
             return np.asarray(self.T, dtype=np.float64)
+        if name in self.params:
+            return np.fromiter((math.nan if p is None else p.value for p in self.params[name]),
+                               np.float64, n)
         if name == "v":
             return np.fromiter((math.nan if s is None else s.value for s in q.vol), np.float64, n)
         column = {"X0": q.spot, "r": q.zero_rate, "d": q.dividend_yield}[name]
@@ -389,6 +429,9 @@ class _Inputs:
         """Where instrument i's input `name` (a reported name: S0, T, r, d, sigma) came from."""
         if name == "T":
             return self.T_source[i]
+        if name in self.params:
+            param = self.params[name][i]
+            return None if param is None else param.source
         q = self.quotes
         columns: dict[str, Sequence[Quote | None]] = {
             "S0": q.spot, "r": q.zero_rate, "d": q.dividend_yield, "sigma": q.vol
@@ -414,22 +457,30 @@ class _Inputs:
         for row, v in zip(rows, q.vol, strict=True):
             if v is not None:
                 row["sigma"] = {"value": v.value, "source": v.source}
+        for name, column in self.params.items():
+            for row, p in zip(rows, column, strict=True):
+                if p is not None:
+                    row[name] = {"value": p.value, "source": p.source}
         return rows
 
 
-def _market_inputs(req: ValuationRequest, view: MarketView, expiries: Sequence[str]) -> _Inputs:
-    """T (ACT/365) and the book's quotes in one `book_quotes` call; its errors as the API
-    answers them (404 or 422 from market data, 422 naming an instrument whose vol cannot be
-    read)."""
+def _market_inputs(
+    req: ValuationRequest, view: MarketView, expiries: Sequence[str], model: BookModel
+) -> _Inputs:
+    """T (ACT/365), the book's quotes in one `book_quotes` call and a non-GBM model's
+    parameters (model_params, once per underlying); errors as the API answers them (404 or 422
+    from market data, 422 naming an instrument whose vol cannot be read)."""
     vdt = req.val_datetime
     insts = req.instruments
     T = [year_fraction_act365(start=vdt, end=inst.expiry) for inst in insts]
+    priced = [inst.type in MODEL_TYPES for inst in insts]
+    gbm = not model.params
     try:
         quotes = view.book_quotes(
             underlyings=[inst.underlying for inst in insts],
             T=T,
             K=[inst.strike for inst in insts],
-            need_vol=[inst.type in MODEL_TYPES for inst in insts],
+            need_vol=priced if gbm else [False] * len(insts),
         )
     except InstrumentQuoteError as e:
         if isinstance(e.error, (MarketDataNotFound, MarketDataInvalid)):
@@ -450,11 +501,23 @@ def _market_inputs(req: ValuationRequest, view: MarketView, expiries: Sequence[s
         ) from None
     vdt_text = format_utc(vdt)
     T_source = [f"ACT/365 from val_datetime {vdt_text} to expiry {x}" for x in expiries]
-    return _Inputs(T, T_source, quotes)
+    if gbm:
+        return _Inputs(T, T_source, quotes)
+    underlyings = sorted({inst.underlying for inst, p in zip(insts, priced, strict=True) if p})
+    by_underlying = {u: view.model_params(u, model.name, model.params) for u in underlyings}
+    params = {
+        name: [by_underlying[inst.underlying][name] if p else None
+               for inst, p in zip(insts, priced, strict=True)]
+        for name in model.params
+    }
+    return _Inputs(T, T_source, quotes, params)
 
 
-def _forward_unit(S: float, T: float, r: float, d: float, K: float) -> tuple[float, list[float]]:
-    """Closed form: discounted forward minus discounted strike, and its greeks in GREEKS order.
+def _forward_unit(
+    S: float, T: float, r: float, d: float, K: float
+) -> tuple[float, dict[str, float]]:
+    """Closed form: discounted forward minus discounted strike, and its greeks (delta, theta,
+    rho; every other greek, gamma and the model's parameters, is 0).
 
     math.exp per instrument on purpose: numpy's vectorised exp may differ from libm's in the
     last ulp, and the answer's bytes must not change."""
@@ -462,8 +525,8 @@ def _forward_unit(S: float, T: float, r: float, d: float, K: float) -> tuple[flo
     fwd = S * exp((r - d) * T)
     price = df * fwd - df * K
     carry = S * exp(-d * T)
-    # delta, gamma, vega, theta (-dPV/dT at fixed r and d, the pricer's convention), rho
-    return price, [exp(-d * T), 0.0, 0.0, d * carry - r * K * df, T * K * df]
+    # theta: -dPV/dT at fixed r and d, the pricer's convention
+    return price, {"delta": exp(-d * T), "theta": d * carry - r * K * df, "rho": T * K * df}
 
 
 @dataclass(frozen=True)
@@ -478,7 +541,10 @@ class _Rows:
     down: Ints  # (n,)
 
 
-def _model_rows(types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs, *, greeks: bool) -> _Rows:
+def _model_rows(
+    types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs, *, greeks: bool,
+    fields: Sequence[str] = CONTRACT_FIELDS,
+) -> _Rows:
     """The contracts to price: one row per option in book order, then (with greeks) an up and a
     down strike bump per digital."""
     n = types.shape[0]
@@ -500,19 +566,20 @@ def _model_rows(types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs, *, gree
         up[bumped], down[bumped] = first, first + 1
         owner = np.concatenate([main_of, np.repeat(bumped, 2)])
         strikes = np.concatenate([strikes, np.column_stack([k_up[ok], k_down[ok]]).ravel()])
-    cols = {name: inputs.column(name)[owner] for name in CONTRACT_FIELDS if name != "K"}
-    contracts = Contracts.from_columns({**cols, "K": strikes})
+    cols = {name: inputs.column(name)[owner] for name in fields if name != "K"}
+    contracts = Contracts.from_columns({**cols, "K": strikes}, fields=tuple(fields))
     return _Rows(contracts, owner, main, up, down)
 
 
 def _unit_columns(
-    types: npt.NDArray[np.str_], rows: _Rows, values: Mapping[str, Floats], *, greeks: bool
+    types: npt.NDArray[np.str_], rows: _Rows, values: Mapping[str, Floats], *, greeks: bool,
+    names: Sequence[str] = GREEKS,
 ) -> tuple[Floats, dict[str, Floats]]:
     """Each option's unit price and unit greeks off the model rows, (n,) columns; NaN for the
     forwards (closed form, filled in by the caller) and for digitals without a strike bump."""
     n = types.shape[0]
     unit = np.full(n, math.nan)
-    unit_greeks = {g: np.full(n, math.nan) for g in GREEKS} if greeks else {}
+    unit_greeks = {g: np.full(n, math.nan) for g in names} if greeks else {}
     if not rows.owner.size:
         return unit, unit_greeks
     for t, key in _UNIT_PRICE_KEY.items():
@@ -522,7 +589,7 @@ def _unit_columns(
         return unit, unit_greeks
     for t, kind in (("european_call", "call"), ("european_put", "put")):
         sel = np.flatnonzero(types == t)
-        for g in GREEKS:
+        for g in names:
             unit_greeks[g][sel] = values[f"{kind}_{g}"][rows.main[sel]]
     K = rows.contracts.K
     # digital_call = -dC/dK, digital_put = +dP/dK, so each greek is the K-slope of the vanilla's.
@@ -532,7 +599,7 @@ def _unit_columns(
         dK = K[up] - K[down]
         # inf - inf is NaN, a null greek: IEEE arithmetic as Python floats do it, unwarned.
         with np.errstate(invalid="ignore", over="ignore"):
-            for g in GREEKS:
+            for g in names:
                 v = values[f"{kind}_{g}"]
                 unit_greeks[g][sel] = sign * (v[up] - v[down]) / dK
     return unit, unit_greeks
@@ -543,9 +610,11 @@ async def value_book(
     *,
     marketdata: MarketDataStore,
     model: ModelService,
+    book_model: BookModel | None = None,
     deadline_s: float | None = None,
 ) -> dict[str, Any]:
-    """Value a book against the snapshot its key resolves to; raises on any bad input.
+    """Value a book against the snapshot its key resolves to, on `model` (the service of
+    `book_model`, default bs); raises on any bad input.
 
     Errors: MarketDataNotFound (404) for a missing snapshot, spot, curve or surface;
     RequestInvalid (422) for a contract outside the model's domain; NoModel (503); NotFound
@@ -557,14 +626,16 @@ async def value_book(
     insts = req.instruments
     n = len(insts)
     expiries = [format_utc(inst.expiry) for inst in insts]
-    inputs = _market_inputs(req, stored.view(), expiries)
+    spec = book_model or BookModel()
+    inputs = _market_inputs(req, stored.view(), expiries, spec)
     types = np.asarray([inst.type for inst in insts])  # (n,) str
     K = np.fromiter((inst.strike for inst in insts), np.float64, n)
-    rows = _model_rows(types, K, inputs, greeks=req.greeks)
+    rows = _model_rows(types, K, inputs, greeks=req.greeks, fields=spec.fields)
     values, info = await _price_rows(req, rows, inputs, model=model, deadline_s=deadline_s)
-    unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks)
+    unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks, names=spec.greeks)
     _price_forwards(req, inputs, rows, unit, unit_greeks)
-    out_rows, totals = _answers(req, expiries, inputs, rows, unit, unit_greeks, values)
+    out_rows, totals = _answers(req, expiries, inputs, rows, unit, unit_greeks, values,
+                                names=spec.greeks)
     _attach_implied_vols(out_rows, types, K, inputs, unit)
     snap = stored.snapshot
     return {
@@ -578,7 +649,7 @@ async def value_book(
             "val_datetime": format_utc(snap.val_datetime),
             "data_asof": format_utc(snap.data_asof),
         },
-        "model": None if info is None else info.as_json(),
+        "model": None if info is None else {"name": spec.name, **info.as_json()},
         "instruments": out_rows,
         "totals": totals,
     }
@@ -624,9 +695,8 @@ def _price_forwards(
     for i in np.flatnonzero(rows.main < 0).tolist():
         S, r, d = q.spot[i].value, q.zero_rate[i].value, q.dividend_yield[i].value
         unit[i], forward_greeks = _forward_unit(S, inputs.T[i], r, d, req.instruments[i].strike)
-        if req.greeks:
-            for g, x in zip(GREEKS, forward_greeks, strict=True):
-                unit_greeks[g][i] = x
+        for g, column in unit_greeks.items():  # empty without greeks
+            column[i] = forward_greeks.get(g, 0.0)
 
 
 def _answers(
@@ -637,6 +707,8 @@ def _answers(
     unit: Floats,
     unit_greeks: dict[str, Floats],
     values: Mapping[str, Floats],
+    *,
+    names: Sequence[str] = GREEKS,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each instrument's answer and the book's totals, from the (n,) columns."""
     insts = req.instruments
@@ -667,12 +739,12 @@ def _answers(
     # fsum is exactly rounded, so the totals do not depend on summation order.
     totals: dict[str, Any] = {"price": number(total(price.tolist())), "instruments": n}
     if req.greeks:
-        per_unit, per_position = _records(GREEKS, unit_greeks, n), _records(GREEKS, scaled, n)
+        per_unit, per_position = _records(names, unit_greeks, n), _records(names, scaled, n)
         for row, ug, pg in zip(out_rows, per_unit, per_position, strict=True):
             row["unit_greeks"], row["greeks"] = ug, pg
-        totals["greeks"] = {g: number(total(scaled[g].tolist())) for g in GREEKS}
+        totals["greeks"] = {g: number(total(scaled[g].tolist())) for g in names}
     if req.metrics:
-        _attach_metrics(out_rows, rows, values)
+        _attach_metrics(out_rows, rows, values, names)
     return out_rows, totals
 
 
@@ -697,10 +769,11 @@ def _attach_implied_vols(
 
 
 def _attach_metrics(
-    out_rows: list[dict[str, Any]], rows: _Rows, values: Mapping[str, Floats]
+    out_rows: list[dict[str, Any]], rows: _Rows, values: Mapping[str, Floats],
+    names: Sequence[str] = GREEKS,
 ) -> None:
     """Each option's distribution metrics off its model row; null for a forward."""
-    keys = _metric_keys(values) if values else []
+    keys = _metric_keys(values, names) if values else []
     n = len(out_rows)
     at = np.maximum(rows.main, 0)  # a forward reads row 0, then gets null
     metrics = _records(keys, {k: values[k][at] for k in keys}, n)

@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from storage.objectstore import Conflict, Corrupt, NotFound, ObjectStore, Unavailable
+from storage.prefixed import MODEL_NAME_PATTERN
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -178,6 +179,13 @@ class DerivedFrom(_Doc):
     hash: Sha256
 
 
+# model_params[underlying][model][parameter]: a model's parameters per underlying, e.g.
+# {"SPX": {"heston": {"v0": 0.04, "kappa": 1.5, ...}}}, written by hand or by a calibration.
+ModelKey = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")]
+ModelParams = Annotated[dict[ParamName, Finite], Field(max_length=32)]
+
+
 class MarketData(_Doc):
     """The market content of a snapshot."""
 
@@ -189,6 +197,9 @@ class MarketData(_Doc):
     discount_curve: Name | None = None
     dividend_curves: dict[Name, Curve] = Field(default_factory=dict)
     vol_surfaces: dict[Name, VolSurface] = Field(default_factory=dict)
+    model_params: dict[Name, Annotated[dict[ModelKey, ModelParams], Field(max_length=32)]] = (
+        Field(default_factory=dict)
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MarketData:
@@ -198,6 +209,7 @@ class MarketData(_Doc):
             or self.zero_curves
             or self.vol_surfaces
             or self.dividend_curves
+            or self.model_params
         ):
             raise ValueError("a snapshot must carry some market data")
         if self.discount_curve is not None and self.discount_curve not in self.zero_curves:
@@ -226,11 +238,50 @@ class MarketData(_Doc):
         return self
 
 
+class CalibrationPoint(_Doc):
+    """One surface point of a calibration: where it is, the market and model vols and the
+    residual (vol-bp); the model vol and residual are null where no model vol exists."""
+
+    T: PositiveFinite
+    K: PositiveFinite
+    market_vol: PositiveFinite
+    model_vol: Finite | None
+    residual_volbp: Finite | None
+    kind: Literal["put", "call"]
+
+
+class CalibrationVersion(_Doc):
+    counter: Annotated[int, Field(ge=1)]
+    version_hash: Sha256
+
+
+class Calibration(_Doc):
+    """How a derived snapshot's model_params[underlying][model] were fitted (POST
+    /v1/calibrations): the model version, the fit's quality and the optimiser's trace."""
+
+    underlying: Name
+    model: ModelKey
+    process: Annotated[str, StringConstraints(pattern=r"^[a-z]{1,16}$")]
+    model_version: CalibrationVersion
+    weights: Literal["vega", "uniform"]
+    params: ModelParams
+    start: ModelParams
+    rmse_volbp: Finite | None
+    points: Annotated[list[CalibrationPoint], Field(max_length=250_000)]
+    iterations: Annotated[int, Field(ge=0)]  # objective evaluations (one batched pass each)
+    jacobians: Annotated[int, Field(ge=0)]
+    converged: bool
+    hit_bounds: Annotated[list[ParamName], Field(max_length=32)]
+    message: Annotated[str, StringConstraints(max_length=1024)]
+
+
 class SnapshotBody(MarketData):
-    """What a client writes: the market content, when it was known, and its source if derived."""
+    """What a client writes: the market content, when it was known, and its source if derived
+    (with how it was derived, for a calibration's snapshot)."""
 
     data_asof: UtcDatetime
     derived_from: DerivedFrom | None = None
+    calibration: Calibration | None = None
 
 
 class MarketSnapshot(SnapshotBody):
@@ -257,9 +308,17 @@ class _Index(_Doc):
 
 
 def canonical_json(model: BaseModel) -> bytes:
-    """Sorted keys, no whitespace, UTC datetimes, shortest round-trip floats, no NaN."""
+    """Sorted keys, no whitespace, UTC datetimes, shortest round-trip floats, no NaN.
+
+    An empty `model_params` and a null `calibration` are left out, so a snapshot written
+    before those fields existed has the same bytes (and content hash) when it is written again."""
+    data = model.model_dump(mode="json")
+    if isinstance(model, MarketData) and not model.model_params:
+        del data["model_params"]
+    if isinstance(model, SnapshotBody) and model.calibration is None:
+        del data["calibration"]
     return json.dumps(
-        model.model_dump(mode="json"),
+        data,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -554,13 +613,17 @@ class MarketView:
         value = s.value * _safe_exp((r.value - q.value) * T)
         return Quote(value, _forward_source(s, r, q))
 
-    def vol(self, underlying: str, T: float, K: float) -> Quote:
+    def vol_surface(self, underlying: str) -> VolSurface:
+        """`underlying`'s surface; MarketDataNotFound naming it and the ones there are."""
         try:
-            surface = self.snapshot.vol_surfaces[underlying]
+            return self.snapshot.vol_surfaces[underlying]
         except KeyError:
             raise MarketDataNotFound(
                 self._missing("vol_surface", underlying, self.snapshot.vol_surfaces)
             ) from None
+
+    def vol(self, underlying: str, T: float, K: float) -> Quote:
+        surface = self.vol_surface(underlying)
         if not (math.isfinite(K) and K > 0.0):
             raise MarketDataInvalid("K", f"strike must be finite and > 0, got {K!r}")
         forward_source: str | None = None
@@ -730,6 +793,26 @@ class MarketView:
         if len(snap.zero_curves) == 1:
             return next(iter(snap.zero_curves))
         raise MarketDataNotFound("zero_curve: the snapshot has no zero curve")
+
+    def model_params(self, underlying: str, model: str, names: Sequence[str]) -> dict[str, Quote]:
+        """The parameters `names` of `model` for `underlying` from `model_params`, each with its
+        source; MarketDataNotFound naming the underlying, the model or the missing names."""
+        per_model = self.snapshot.model_params.get(underlying)
+        if per_model is None:
+            raise MarketDataNotFound(
+                self._missing("model_params for underlying", underlying,
+                              self.snapshot.model_params))
+        params = per_model.get(model)
+        if params is None:
+            raise MarketDataNotFound(
+                self._missing(f"model_params.{underlying} for model", model, per_model))
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise MarketDataNotFound(
+                self._missing(f"model_params.{underlying}.{model} parameter",
+                              ", ".join(missing), params))
+        source = f"model_params {underlying} {model}"
+        return {n: Quote(float(params[n]), source) for n in names}
 
     def _curve_quote(self, kind: str, name: str, c: Curve, T: float) -> Quote:
         value = float(interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=T))

@@ -273,6 +273,7 @@ async def run_flow(client: Client, app: web.Application, *, min_versions: int) -
     raw, body = await value(client, req)
     assert body["dataset"]["hash"] == put["hash"]
     assert body["model"] == {
+        "name": "bs",
         "counter": served.counter,
         "version_hash": served.version_hash,
         "mode": "tracking",
@@ -323,7 +324,8 @@ async def run_flow(client: Client, app: web.Application, *, min_versions: int) -
     resp = await client.put("/v1/admin/model/pin", json={"version": 1}, headers=AUTH)
     assert resp.status == 200, await resp.text()
     _, pinned = await value(client, req)
-    assert pinned["model"] == {"counter": 1, "version_hash": v1.version_hash, "mode": "pinned"}
+    assert pinned["model"] == {"name": "bs", "counter": 1, "version_hash": v1.version_hash,
+                               "mode": "pinned"}
     assert pinned["dataset"] == body["dataset"]
     _, explicit = await value(client, {**req, "model_version": 1})
     assert explicit["model"]["mode"] == "version"

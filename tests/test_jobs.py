@@ -187,6 +187,7 @@ async def test_job_runs_on_schedule_with_provenance(aiohttp_client: Any, tmp_pat
         assert doc["dataset"]["val_datetime"] == scheduled
         assert doc["dataset"]["hash"] == hashes[scheduled]
         assert doc["model"] == {
+            "name": "bs",
             "counter": 1,
             "version_hash": record.version_hash,
             "mode": "tracking",

@@ -25,6 +25,7 @@ from storage.marketdata import (
     MarketSnapshot,
     MarketView,
     SnapshotBody,
+    canonical_json,
     check_name,
     content_hash,
     datetime_token,
@@ -529,3 +530,48 @@ def test_year_fraction_act365() -> None:
         view.year_fraction(VDT - timedelta(days=1))
     with pytest.raises(MarketDataInvalid, match=r"end.*no timezone"):
         year_fraction_act365(start=start, end=datetime(2024, 2, 1))
+
+
+# --- model_params ---------------------------------------------------------------------------
+
+
+def test_a_snapshot_without_model_params_keeps_its_bytes() -> None:
+    # the canonical form of a snapshot written before model_params existed, field by field
+    snap = snapshot(body_dict(NOW - timedelta(hours=1)))
+    doc = json.loads(canonical_json(snap))
+    assert "model_params" not in doc
+    fields = {"format_version", "namespace", "val_datetime", "data_asof", "derived_from", "spots",
+              "fixings", "zero_curves", "discount_curve", "dividend_curves", "vol_surfaces"}
+    assert set(doc) == fields
+    assert content_hash(snap) == hashlib.sha256(canonical_json(snap)).hexdigest()
+
+
+def test_model_params_are_looked_up_with_their_source_or_named_when_missing() -> None:
+    params = {"SPX": {"heston": {"v0": 0.04, "kappa": 1.5}}}
+    snap = snapshot({**body_dict(NOW - timedelta(hours=1)), "model_params": params})
+    assert json.loads(canonical_json(snap))["model_params"] == params
+    view = MarketView(snap)
+    got = view.model_params("SPX", "heston", ("v0", "kappa"))
+    assert got["v0"].value == 0.04 and got["kappa"].source == "model_params SPX heston"
+    for args, needle in (
+        (("AAPL.O", "heston", ("v0",)), "model_params for underlying 'AAPL.O'"),
+        (("SPX", "bates", ("v0",)), "model_params.SPX for model 'bates'"),
+        (("SPX", "heston", ("v0", "xi", "rho")), "parameter 'xi, rho'"),
+    ):
+        with pytest.raises(MarketDataNotFound, match=needle):
+            view.model_params(*args)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"SPX": {"Heston": {"v0": 0.04}}}, "model_params.SPX.Heston"),
+        ({"SPX": {"heston": {"v0": float("nan")}}}, "model_params.SPX.heston.v0"),
+        ({"SPX": {"heston": {f"p{i}": 1.0 for i in range(33)}}}, "model_params.SPX.heston"),
+    ],
+)
+def test_bad_model_params_are_refused(params: Any, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        snapshot({**body_dict(NOW - timedelta(hours=1)), "model_params": params})
+    locs = [".".join(str(p) for p in e["loc"]) for e in info.value.errors()]
+    assert any(loc.startswith(field) for loc in locs), locs

@@ -3,6 +3,7 @@ routes per model, and the `model` label on the per-model metrics."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,10 +15,13 @@ from storage.localstore import LocalStore
 from storage.objectstore import ObjectStore
 from tests.server_fixtures import (
     HESTON,
+    NOW,
     check_schema,
     commit_model,
     make_settings,
+    market_body,
     model_chain,
+    put_market_data,
     start_client,
     trained_snapshots,
     until,
@@ -288,3 +292,90 @@ async def test_price_refuses_contracts_that_do_not_fit_the_model(
     assert reason in text
     if field is not None:
         assert field in [f["path"] for f in (await resp.json())["fields"]]
+
+
+# ------------------------------------------------------------------------------ valuations
+
+HESTON_SPX = {"v0": 0.04, "kappa": 1.5, "theta_v": 0.05, "xi": 0.5, "rho": -0.6}
+BOOK = [
+    {"id": "c", "type": "european_call", "underlying": "SPX", "strike": 100.0,
+     "expiry": "2025-06-27T16:00:00Z", "quantity": 10.0},
+    {"id": "p", "type": "european_put", "underlying": "SPX", "strike": 90.0,
+     "expiry": "2024-12-20T16:00:00Z", "quantity": -5.0},
+    {"id": "dc", "type": "digital_call", "underlying": "SPX", "strike": 105.0,
+     "expiry": "2025-06-27T16:00:00Z", "quantity": 100.0},
+    {"id": "f", "type": "forward", "underlying": "SPX", "strike": 101.0,
+     "expiry": "2025-06-27T16:00:00Z", "quantity": 3.0},
+]
+
+
+def _valuation(**extra: Any) -> dict[str, Any]:
+    return {"valuation_namespace": "eod", "val_datetime": "2024-06-28T16:00:00Z",
+            "data_asof": NOW.isoformat(), "instruments": BOOK, "model": "heston", **extra}
+
+
+async def _with_market(aiohttp_client: Any, store: ObjectStore, **extra: Any) -> Any:
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+    await _serving(client)
+    await put_market_data(client, body=market_body(NOW - timedelta(hours=1), **extra))
+    return client
+
+
+async def test_a_heston_valuation_reads_model_params_and_echoes_them(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    client = await _with_market(aiohttp_client, store,
+                                model_params={"SPX": {"heston": HESTON_SPX}})
+    resp = await client.post("/v1/valuations", json=_valuation(greeks=True))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    check_schema(body, "ValuationResult")
+    assert body["model"]["name"] == "heston"
+    rows = {r["id"]: r for r in body["instruments"]}
+    for rid in ("c", "p", "dc"):
+        inputs = rows[rid]["inputs"]
+        assert "sigma" not in inputs  # a Heston model does not read the vol surface
+        for name, value in HESTON_SPX.items():
+            assert inputs[name] == {"value": value, "source": "model_params SPX heston"}
+    assert set(rows["f"]["inputs"]) == {"S0", "T", "r", "d"}
+    assert rows["f"]["unit_greeks"]["d_v0"] == 0.0 and rows["f"]["unit_greeks"]["delta"] > 0
+    # the same contracts priced directly on the heston model
+    options = [rows["c"], rows["p"]]
+    direct = await client.post("/v1/price", json={"model": "heston", "greeks": True, "contracts": [
+        {"X0": r["inputs"]["S0"]["value"], "K": r["strike"], "T": r["inputs"]["T"]["value"],
+         "r": r["inputs"]["r"]["value"], "d": r["inputs"]["d"]["value"], **HESTON_SPX}
+        for r in options]})
+    assert direct.status == 200, await direct.text()
+    for row, ref, kind in zip(options, (await direct.json())["contracts"], ("call", "put"),
+                              strict=True):
+        assert row["unit_price"] == pytest.approx(ref[kind], rel=1e-12, abs=1e-12)
+        assert row["implied_vol"] == ref["implied_vol"][kind] and row["implied_vol"] > 0
+        assert row["unit_greeks"] == pytest.approx(ref["greeks"][kind], rel=1e-12, abs=1e-12)
+    assert set(body["totals"]["greeks"]) == set(rows["c"]["unit_greeks"])
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "needle"),
+    [
+        (None, 404, "model_params for underlying 'SPX' is not in snapshot"),
+        ({"SPX": {"bates": HESTON_SPX}}, 404, "model_params.SPX for model 'heston'"),
+        ({"SPX": {"heston": {**HESTON_SPX, "xi": None}}}, 404,
+         "model_params.SPX.heston parameter 'xi'"),
+        ({"SPX": {"heston": {**HESTON_SPX, "kappa": 40.0}}}, 422,
+         "kappa = 40.0 (model_params SPX heston) is outside the model's trained domain"),
+    ],
+)
+async def test_heston_valuation_errors_name_what_is_missing_or_out_of_bounds(
+    aiohttp_client: Any, store: ObjectStore, params: Any, status: int, needle: str
+) -> None:
+    if params is not None:
+        params = {u: {m: {k: v for k, v in p.items() if v is not None} for m, p in per.items()}
+                  for u, per in params.items()}
+    extra = {} if params is None else {"model_params": params}
+    client = await _with_market(aiohttp_client, store, **extra)
+    resp = await client.post("/v1/valuations", json=_valuation())
+    text = await resp.text()
+    assert resp.status == status, text
+    assert needle in text
+    if status == 422:
+        assert (await resp.json())["fields"][0]["path"] == "instruments.0.kappa"

@@ -111,6 +111,7 @@ async def test_book_prices_equal_direct_pricing_and_echo_inputs(
     record = await client.app[CHAIN_KEY].head()
     assert record is not None
     assert body["model"] == {
+        "name": "bs",
         "counter": 1,
         "version_hash": record.version_hash,
         "mode": "tracking",

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.routes import admin, health, jobs, marketdata, models, price, scenarios, valuations
+from server.routes import (
+    admin,
+    calibrations,
+    health,
+    jobs,
+    marketdata,
+    models,
+    price,
+    scenarios,
+    valuations,
+)
 
-ROUTE_MODULES = (health, marketdata, admin, models, valuations, price, scenarios, jobs)
+ROUTE_MODULES = (health, marketdata, admin, models, valuations, price, scenarios, calibrations,
+                 jobs)
 
 
 def setup_routes(app: web.Application) -> None:

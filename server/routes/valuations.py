@@ -1,11 +1,13 @@
-"""Valuations of instrument books against resolved market data and a named model version."""
+"""Valuations of instrument books against resolved market data, on a named model (`model`,
+default [server] default_model) and optionally an exact version of it."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from server.http import admit, canonical_response, deadline_s, limits, read_json
-from server.keys import MARKETDATA_KEY, METRICS_KEY, MODEL_KEY
+from server.keys import MARKETDATA_KEY, METRICS_KEY, MODELS_KEY, SETTINGS_KEY
+from server.models import served_model
 from server.valuation import ValuationRequest, check_valuation_request, value_book
 
 
@@ -16,10 +18,13 @@ async def post_valuation(request: web.Request) -> web.Response:
         deadline = deadline_s(request)
         req = await read_json(request, ValuationRequest)
         check_valuation_request(req, limits=limits(request))
+        served = served_model(request.app[MODELS_KEY],
+                              req.model or request.app[SETTINGS_KEY].server.default_model)
         body = await value_book(
             req,
             marketdata=request.app[MARKETDATA_KEY],
-            model=request.app[MODEL_KEY],
+            model=served.service,
+            book_model=served.book_model,
             deadline_s=deadline,
         )
     except Exception:
