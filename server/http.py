@@ -28,7 +28,8 @@ _JSON_CONSTANTS = (b"NaN", b"Infinity")
 
 def limits(request: web.Request) -> Limits:
     server = request.app[SETTINGS_KEY].server
-    return Limits(max_items=server.max_instruments, max_string_len=server.max_string_len)
+    return Limits(max_items=server.max_instruments, max_string_len=server.max_string_len,
+                  max_scenarios=server.max_scenarios)
 
 
 def deadline_s(request: web.Request) -> float | None:

@@ -338,7 +338,8 @@ def build_scheduler(app: web.Application) -> JobScheduler:
     """The scheduler for `settings.jobs.config_file` (none configured: a scheduler with no jobs)."""
     settings = app[SETTINGS_KEY]
     limits = Limits(
-        max_items=settings.server.max_instruments, max_string_len=settings.server.max_string_len
+        max_items=settings.server.max_instruments, max_string_len=settings.server.max_string_len,
+        max_scenarios=settings.server.max_scenarios,
     )
     path = settings.jobs.config_file
     jobs = load_jobs(path, limits=limits) if path is not None else []

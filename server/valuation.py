@@ -134,6 +134,17 @@ class Instrument(_Body):
     quantity: Finite = 1.0
 
 
+class Scenario(_Body):
+    """A named shift of the market inputs: spot relative (S0 x (1 + spot_rel)), the rate
+    absolute, and the model's vol absolute (gbm: sigma + vol_abs; heston, bates: v0 + v0_abs)."""
+
+    name: Name
+    spot_rel: Annotated[float, Field(gt=-1.0, le=10.0, allow_inf_nan=False)] = 0.0
+    rate_abs: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] = 0.0
+    vol_abs: Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)] = 0.0
+    v0_abs: Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)] = 0.0
+
+
 class ValuationRequest(_Body):
     valuation_namespace: Name
     val_datetime: UtcDatetime
@@ -143,6 +154,8 @@ class ValuationRequest(_Body):
     model_version: Version | None = None
     greeks: bool = False
     metrics: bool = False
+    # at most server.max_scenarios; revalued in one batched pass, prices only
+    scenarios: list[Scenario] = Field(default_factory=list)
 
 
 class ContractIn(_Body):
@@ -183,6 +196,7 @@ class PriceRequest(_Body):
 class Limits:
     max_items: int
     max_string_len: int
+    max_scenarios: int = 64
 
 
 # --- canonical output ---------------------------------------------------------------------------
@@ -260,8 +274,29 @@ def check_valuation_request(req: ValuationRequest, *, limits: Limits) -> None:
                     f"{format_utc(req.val_datetime)}",
                 )
             )
+    if len(req.scenarios) > limits.max_scenarios:
+        fields.append(FieldError("scenarios", f"at most {limits.max_scenarios} scenarios "
+                                              f"(server.max_scenarios), got {len(req.scenarios)}"))
+    seen: set[str] = set()
+    for i, sc in enumerate(req.scenarios):
+        if sc.name in seen:
+            fields.append(FieldError(f"scenarios.{i}.name", f"duplicate scenario {sc.name!r}"))
+        seen.add(sc.name)
     if fields:
         raise RequestInvalid(fields, f"{len(fields)} invalid instrument field(s)")
+
+
+def check_scenarios(req: ValuationRequest, *, model: str, process: str) -> None:
+    """A shift of a parameter the model does not have is a 422 naming it."""
+    wrong = "v0_abs" if process == "gbm" else "vol_abs"
+    right = "vol_abs" if process == "gbm" else "v0_abs"
+    fields = [
+        FieldError(f"scenarios.{i}.{wrong}",
+                   f"model {model!r} ({process}) has no {wrong[:-4]}; shift {right} instead")
+        for i, sc in enumerate(req.scenarios) if getattr(sc, wrong) != 0.0
+    ]
+    if fields:
+        raise RequestInvalid(fields, "scenario shifts do not fit the model")
 
 
 def check_price_request(
@@ -620,13 +655,14 @@ async def value_book(
     RequestInvalid (422) for a contract outside the model's domain; NoModel (503); NotFound
     (404) for an unknown model version. Call `check_valuation_request` first.
     """
+    spec = book_model or BookModel()
+    check_scenarios(req, model=spec.name, process=spec.process)
     stored = await marketdata.resolve(
         namespace=req.valuation_namespace, val_datetime=req.val_datetime, data_asof=req.data_asof
     )
     insts = req.instruments
     n = len(insts)
     expiries = [format_utc(inst.expiry) for inst in insts]
-    spec = book_model or BookModel()
     inputs = _market_inputs(req, stored.view(), expiries, spec)
     types = np.asarray([inst.type for inst in insts])  # (n,) str
     K = np.fromiter((inst.strike for inst in insts), np.float64, n)
@@ -638,6 +674,10 @@ async def value_book(
                                 names=spec.greeks)
     _attach_implied_vols(out_rows, types, K, inputs, unit)
     snap = stored.snapshot
+    extra: dict[str, Any] = {}
+    if req.scenarios:
+        extra["scenarios"] = await _revalue(req, types, K, inputs, rows, unit, spec,
+                                            model=model, deadline_s=deadline_s)
     return {
         "valuation_namespace": req.valuation_namespace,
         "val_datetime": format_utc(req.val_datetime),
@@ -652,7 +692,76 @@ async def value_book(
         "model": None if info is None else {"name": spec.name, **info.as_json()},
         "instruments": out_rows,
         "totals": totals,
+        **extra,
     }
+
+
+def _shifted(cols: Mapping[str, Floats], sc: Scenario) -> dict[str, Floats]:
+    """The model rows' inputs under scenario `sc` (only the fields the rows have)."""
+    out = dict(cols)
+    out["X0"] = cols["X0"] * (1.0 + sc.spot_rel)
+    out["r"] = cols["r"] + sc.rate_abs
+    if "v" in cols:
+        out["v"] = cols["v"] + sc.vol_abs
+    if "v0" in cols:
+        out["v0"] = cols["v0"] + sc.v0_abs
+    return out
+
+
+async def _revalue(
+    req: ValuationRequest, types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs,
+    rows: _Rows, base_unit: Floats, spec: BookModel, *, model: ModelService,
+    deadline_s: float | None,
+) -> list[dict[str, Any]]:
+    """Every scenario's unit and position prices, total and P&L against the base, with all
+    scenarios' model rows priced in one batched pass (forwards in closed form)."""
+    n, S = types.shape[0], len(req.scenarios)
+    main_of = np.flatnonzero(rows.main >= 0)  # instruments the model prices, in row order
+    m0 = main_of.size
+    base_cols = {f: getattr(rows.contracts, f)[:m0] for f in spec.fields}
+    shifted = [_shifted(base_cols, sc) for sc in req.scenarios]
+    unit = np.full((S, n), math.nan)
+    if m0:
+        batch_cols = {f: np.concatenate([c[f] for c in shifted]) for f in spec.fields}
+        try:
+            priced = await model.price(
+                Contracts.from_columns(batch_cols, fields=tuple(spec.fields)),
+                version=req.model_version, deadline_s=deadline_s)
+        except DomainError as exc:
+            s_i, row = divmod(exc.index, m0)
+            i = int(main_of[row])
+            name = _INPUT_NAME.get(exc.field, exc.field)
+            raise domain_invalid(exc, path=f"scenarios.{s_i}.instruments.{i}.{name}",
+                                 source=f"scenario {req.scenarios[s_i].name!r}") from None
+        for t, key in _UNIT_PRICE_KEY.items():
+            sel = np.flatnonzero(types[main_of] == t)
+            for s_i in range(S):
+                unit[s_i, main_of[sel]] = priced.values[key][s_i * m0 + sel]
+    q = inputs.quotes
+    forwards = np.flatnonzero(rows.main < 0).tolist()
+    quantity = np.fromiter((inst.quantity for inst in req.instruments), np.float64, n)
+    base_total = total((quantity * base_unit).tolist())
+    out = []
+    for s_i, sc in enumerate(req.scenarios):
+        for i in forwards:
+            S0 = q.spot[i].value * (1.0 + sc.spot_rel)
+            r = q.zero_rate[i].value + sc.rate_abs
+            unit[s_i, i], _ = _forward_unit(S0, inputs.T[i], r, q.dividend_yield[i].value,
+                                            req.instruments[i].strike)
+        with np.errstate(over="ignore", invalid="ignore"):
+            price = quantity * unit[s_i]
+        scenario_total = total(price.tolist())
+        out.append({
+            "name": sc.name,
+            "shifts": {"spot_rel": sc.spot_rel, "rate_abs": sc.rate_abs,
+                       "vol_abs": sc.vol_abs, "v0_abs": sc.v0_abs},
+            "total": number(scenario_total),
+            "pnl": number(scenario_total - base_total),
+            "instruments": [{"id": inst.id, "unit_price": u, "price": p}
+                            for inst, u, p in zip(req.instruments, unit[s_i].tolist(),
+                                                  price.tolist(), strict=True)],
+        })
+    return out
 
 
 async def _price_rows(

@@ -379,3 +379,30 @@ async def test_heston_valuation_errors_name_what_is_missing_or_out_of_bounds(
     assert needle in text
     if status == 422:
         assert (await resp.json())["fields"][0]["path"] == "instruments.0.kappa"
+
+
+async def test_heston_scenarios_shift_v0_and_refuse_a_vol_shift(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    client = await _with_market(aiohttp_client, store,
+                                model_params={"SPX": {"heston": HESTON_SPX}})
+    resp = await client.post("/v1/valuations", json=_valuation(
+        scenarios=[{"name": "v0up", "v0_abs": 0.01, "spot_rel": -0.05}]))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    check_schema(body, "ValuationResult")
+    rows = {r["id"]: r for r in body["instruments"]}
+    got = {r["id"]: r for r in body["scenarios"][0]["instruments"]}
+    contracts = [
+        {"X0": rows[i]["inputs"]["S0"]["value"] * 0.95, "K": rows[i]["strike"],
+         "T": rows[i]["inputs"]["T"]["value"], "r": rows[i]["inputs"]["r"]["value"],
+         "d": rows[i]["inputs"]["d"]["value"], **{**HESTON_SPX, "v0": HESTON_SPX["v0"] + 0.01}}
+        for i in ("c", "p")]
+    direct = await client.post("/v1/price", json={"model": "heston", "contracts": contracts})
+    priced = (await direct.json())["contracts"]
+    assert got["c"]["unit_price"] == pytest.approx(priced[0]["call"], rel=1e-12, abs=1e-12)
+    assert got["p"]["unit_price"] == pytest.approx(priced[1]["put"], rel=1e-12, abs=1e-12)
+    bad = await client.post("/v1/valuations", json=_valuation(
+        scenarios=[{"name": "x", "vol_abs": 0.01}]))
+    assert bad.status == 422
+    assert (await bad.json())["fields"][0]["path"] == "scenarios.0.vol_abs"

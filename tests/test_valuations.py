@@ -409,3 +409,86 @@ async def test_metrics_count_valuations(ready: tuple[Client, dict[str, Any]]) ->
     assert 'spectralmc_valuations_total{result="error"} 1.0' in text
     # Four model rows (the forward is closed form), counted once by the model service.
     assert 'spectralmc_contracts_priced_total{model="bs"} 4.0' in text
+
+
+# --- scenario revaluation ----------------------------------------------------------------------
+
+SCENARIOS = [
+    {"name": "base"},
+    {"name": "up10", "spot_rel": 0.1},
+    {"name": "stress", "spot_rel": -0.2, "vol_abs": 0.05, "rate_abs": 0.01},
+]
+
+
+async def test_scenarios_reprice_the_book_under_each_shift(
+    ready: tuple[Client, dict[str, Any]],
+) -> None:
+    client, _ = ready
+    base = await value(client, request())
+    body = await value(client, request(scenarios=SCENARIOS))
+    check_schema(body, "ValuationResult")
+    assert body["instruments"] == base["instruments"] and body["totals"] == base["totals"]
+    got = {s["name"]: s for s in body["scenarios"]}
+    assert list(got) == ["base", "up10", "stress"]
+    # the zero shift is the base valuation, bit for bit
+    assert [r["unit_price"] for r in got["base"]["instruments"]] == [
+        r["unit_price"] for r in base["instruments"]]
+    assert got["base"]["pnl"] == 0.0
+    for sc in SCENARIOS[1:]:
+        out = got[sc["name"]]
+        rows = base["instruments"]
+        # each option: the model's own price of the shifted contract (sticky strike)
+        options = [r for r in rows if r["type"] != "forward"]
+        shifted = []
+        for r in options:
+            c = contract_of(r)
+            c["X0"] *= 1.0 + sc.get("spot_rel", 0.0)
+            c["r"] += sc.get("rate_abs", 0.0)
+            c["v"] += sc.get("vol_abs", 0.0)
+            shifted.append(c)
+        direct = await client.post("/v1/price", json={"contracts": shifted})
+        assert direct.status == 200, await direct.text()
+        by_id = {r["id"]: r for r in out["instruments"]}
+        for r, ref in zip(options, (await direct.json())["contracts"], strict=True):
+            assert by_id[r["id"]]["unit_price"] == pytest.approx(ref[UNIT_KEY[r["type"]]],
+                                                                rel=1e-12, abs=1e-12)
+        # the forward in closed form at the shifted spot and rate
+        fwd = rows[4]
+        S = fwd["inputs"]["S0"]["value"] * (1.0 + sc.get("spot_rel", 0.0))
+        T, d = fwd["inputs"]["T"]["value"], fwd["inputs"]["d"]["value"]
+        r_ = fwd["inputs"]["r"]["value"] + sc.get("rate_abs", 0.0)
+        df = math.exp(-r_ * T)
+        assert by_id["f1"]["unit_price"] == pytest.approx(
+            df * S * math.exp((r_ - d) * T) - df * 101.0, rel=1e-14)
+        positions = [by_id[b["id"]]["unit_price"] * b["quantity"] for b in BOOK]
+        assert out["total"] == pytest.approx(math.fsum(positions), rel=1e-14)
+        assert out["pnl"] == pytest.approx(out["total"] - base["totals"]["price"], rel=1e-12,
+                                           abs=1e-12)
+    assert got["up10"]["pnl"] != 0.0
+
+
+@pytest.mark.parametrize(
+    ("scenarios", "path", "reason"),
+    [
+        ([{"name": "a"}, {"name": "a"}], "scenarios.1.name", "duplicate scenario 'a'"),
+        ([{"name": "x", "v0_abs": 0.01}], "scenarios.0.v0_abs", "has no v0; shift vol_abs"),
+        ([{"name": f"s{i}"} for i in range(5)], "scenarios", "at most 4 scenarios"),
+        ([{"name": "crash", "vol_abs": 2.0}], "scenarios.0.instruments.0.sigma",
+         "outside the model's trained domain"),
+        ([{"name": "x", "spot_rel": -1.0}], "scenarios.0.spot_rel", "greater than -1"),
+    ],
+)
+async def test_bad_scenarios_are_422_naming_the_field(
+    aiohttp_client: Any, tmp_path: Path, scenarios: list[dict[str, Any]], path: str, reason: str
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    await commit_model(store)
+    client = await start_client(aiohttp_client, store=store, settings=make_settings(
+        max_scenarios=4))
+    await put_market_data(client, body=market_body(ASOF))
+    resp = await client.post("/v1/valuations", json=request(scenarios=scenarios))
+    text = await resp.text()
+    assert resp.status == 422, text
+    fields = (await resp.json())["fields"]
+    assert path in [f["path"] for f in fields], fields
+    assert reason in text
