@@ -1,6 +1,6 @@
 """Pricing throughput against QuantLib's analytic engine and against MC of equal accuracy.
 
-python -m bench.inference [--process gbm|heston|bates]
+python -m bench.inference [--process gbm|heston|bates] [--book]
 -> {"bench":"inference","process":..,"prices_per_s":..,"vs_quantlib_analytic":..,
     "vs_mc_equal_accuracy":..}
 prices_per_s counts one price per contract: the put, with the call by parity and the intrinsic
@@ -158,7 +158,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantlib-contracts", type=int, default=2_000)
     p.add_argument("--mc-contracts", type=int, default=None,
                    help="contracts the MC baseline prices (default 20 for gbm, 3 for heston)")
+    p.add_argument("--book", action="store_true",
+                   help="instead: a 1,000-instrument book with scenarios through the app "
+                        "(bench/book.py)")
+    p.add_argument("--instruments", type=int, default=1_000, help="with --book")
+    p.add_argument("--scenarios", type=int, default=16, help="with --book")
+    p.add_argument("--requests", type=int, default=30, help="with --book")
     args = p.parse_args(argv)
+    if args.book:
+        from bench import book
+
+        book.main(args.process, instruments=args.instruments, n_scenarios=args.scenarios,
+                  requests=args.requests)
+        return
 
     config = CoreConfig(process=args.process)
     model = build_model(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -35,7 +38,7 @@ from server.keys import (
 )
 from server.logging import configure_logging, request_context_middleware
 from server.metrics import Metrics, metrics_middleware
-from server.model import NoModel, Overloaded
+from server.model import ModelService, NoModel, Overloaded
 from server.models import build_models
 from server.retention import (
     MODEL_RETENTIONS_KEY,
@@ -46,6 +49,8 @@ from server.retention import (
 from server.routes import setup_routes
 from storage.marketdata import MarketDataStore
 from storage.objectstore import ObjectStore
+
+log = structlog.get_logger("spectralmc.app")
 
 
 class StoreConfigError(RuntimeError):
@@ -113,9 +118,29 @@ async def _serve_models(app: web.Application) -> AsyncIterator[None]:
         return Readiness(True, f"serving version {cur.counter} ({cur.mode}){others}")
 
     app[MODEL_READY_KEY].set(ready)
+    services = [m.service for m in models.values()]
+    freeze = (asyncio.create_task(_freeze_heap_when_serving(services), name="gc-freeze")
+              if app[SETTINGS_KEY].server.gc_freeze else None)
     yield
+    if freeze is not None:
+        freeze.cancel()
+        await asyncio.gather(freeze, return_exceptions=True)
     for served in models.values():
         await served.service.aclose()
+
+
+async def _freeze_heap_when_serving(services: list[ModelService], poll_s: float = 0.5) -> None:
+    """Once a model serves (imports done, kernels compiled, a model loaded), move
+    every object alive to the collector's permanent generation (`gc.freeze`). A full
+    collection then walks only what was made since: measured on this service's heap of
+    ~450,000 start-up objects, 230 ms pauses every ~12 book valuations became ~1 ms
+    (bench.inference --book). Frozen objects are still freed by reference counting; only
+    cyclic garbage among them would stay."""
+    while all(s.current is None for s in services):
+        await asyncio.sleep(poll_s)
+    gc.collect()
+    gc.freeze()
+    log.info("heap_frozen", objects=gc.get_freeze_count())
 
 
 async def _train(app: web.Application) -> AsyncIterator[None]:
