@@ -59,7 +59,7 @@ class ServerSettings(_Group):
     # gc.freeze() once a model serves: full collections skip the start-up heap
     gc_freeze: bool = True
     # The model a request that names none is priced by, and the admin routes without a model
-    # act on: "bs" or a gbm model under [models] (the pricing routes take GBM contracts).
+    # act on: "bs" or a name under [models].
     default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)
 
 
@@ -285,14 +285,6 @@ class Settings(BaseSettings):
                 f"server.default_model = {self.server.default_model!r} names no model "
                 f"(models: {known})"
             )
-        if self.server.default_model != ROOT_MODEL:
-            process = self.models[self.server.default_model].core.process
-            if process != "gbm":
-                # the pricing routes take GBM contracts (X0, K, T, r, d, v) today
-                raise ValueError(
-                    f"server.default_model = {self.server.default_model!r} is a {process} "
-                    "model; the pricing routes price GBM contracts, so it must be a gbm model"
-                )
         return self
 
     def for_model(self, name: str) -> Settings:

@@ -28,7 +28,6 @@ from server.keys import (
     MODEL_READY_KEY,
     MODELS_KEY,
     REGISTRY_KEY,
-    SCENARIOS_KEY,
     SETTINGS_KEY,
     STORE_KEY,
     WORKER_KEY,
@@ -219,7 +218,6 @@ def create_app(
     default = models[settings.server.default_model]
     app[CHAIN_KEY] = default.chain
     app[MODEL_KEY] = default.service
-    app[SCENARIOS_KEY] = default.sampler
     app[CALIBRATOR_KEY] = Calibrator(models, app[MARKETDATA_KEY],
                                      max_points=settings.server.max_calibration_points)
     app[WORKER_KEY] = default.worker

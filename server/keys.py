@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from server.jobs import JobScheduler
     from server.model import ModelService
     from server.models import ServedModel
-    from server.scenarios import ScenarioSampler
     from server.worker import TrainingWorker
     from storage.chain import VersionChain
     from storage.marketdata import MarketDataStore
@@ -70,7 +69,6 @@ CHAIN_KEY: web.AppKey[VersionChain] = web.AppKey("chain")
 # The default model's parts ([server] default_model); MODELS_KEY holds every named model.
 MODEL_KEY: web.AppKey[ModelService] = web.AppKey("model")
 MODELS_KEY: web.AppKey[dict[str, ServedModel]] = web.AppKey("models")
-SCENARIOS_KEY: web.AppKey[ScenarioSampler] = web.AppKey("scenarios")
 CALIBRATOR_KEY: web.AppKey[Calibrator] = web.AppKey("calibrator")
 # None when settings.training.enabled is false.
 WORKER_KEY: web.AppKey[TrainingWorker | None] = web.AppKey("worker")

@@ -159,7 +159,10 @@ def build_models(
                            promoter=_promoter(name, own, chain, model_metrics, service))
             if own.training.enabled else None
         )
-        sampler = ScenarioSampler(service, max_samples=settings.server.max_scenario_samples)
+        process = own.core.process
+        sampler = ScenarioSampler(service, max_samples=settings.server.max_scenario_samples,
+                                  fields=contract_fields(get_process(process)), name=name,
+                                  process=process)
         out[name] = ServedModel(name, own, chain, service, model_metrics, worker, sampler)
     return out
 

@@ -15,23 +15,34 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import FieldError, RequestInvalid
 from server.model import ModelService, Overloaded
-from server.valuation import Version, domain_invalid
+from server.valuation import ModelName, Version, domain_invalid
 from spectral_core.pricer import CONTRACT_FIELDS, Contracts, DomainError
 from spectral_core.scenarios import sample_terminal
 from storage.marketdata import Finite, PositiveFinite
+from storage.prefixed import ROOT_MODEL
 
 _MAX_WAITING = 4
 MAX_SEED = 2**63 - 1
 
 
 class ScenarioContract(BaseModel):
+    """X0, T, r, d and exactly the model's process parameters (as a /v1/price contract, no K)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     X0: PositiveFinite
     T: Finite
     r: Finite
     d: Finite
-    v: Finite
+    v: Finite | None = None
+    v0: Finite | None = None
+    kappa: Finite | None = None
+    theta_v: Finite | None = None
+    xi: Finite | None = None
+    rho: Finite | None = None
+    lam: Finite | None = None
+    mu_j: Finite | None = None
+    sigma_j: Finite | None = None
 
 
 class ScenarioRequest(BaseModel):
@@ -40,15 +51,20 @@ class ScenarioRequest(BaseModel):
     contract: ScenarioContract
     n: int = Field(ge=1)
     seed: int = Field(ge=0, le=MAX_SEED)
+    model: ModelName | None = None  # default: [server] default_model
     model_version: Version | None = None
 
 
 class ScenarioSampler:
     """Bounded, one-at-a-time sampling on a worker thread."""
 
-    def __init__(self, model: ModelService, *, max_samples: int) -> None:
+    def __init__(self, model: ModelService, *, max_samples: int,
+                 fields: tuple[str, ...] = CONTRACT_FIELDS, name: str = ROOT_MODEL,
+                 process: str = "gbm") -> None:
         self.model = model
         self.max_samples = max_samples
+        self.fields = fields  # the model's contract fields (X0, K, ...)
+        self.name, self.process = name, process
         self._lock = asyncio.Lock()
         self._waiting = 0
 
@@ -59,12 +75,25 @@ class ScenarioSampler:
                                  "(server.max_scenario_samples)")],
                 "too many samples",
             )
+        wanted = set(self.fields) - {"X0", "K", "T", "r", "d"}
+        errors = []
+        for name in ("v", "v0", "kappa", "theta_v", "xi", "rho", "lam", "mu_j", "sigma_j"):
+            given = getattr(req.contract, name) is not None
+            if name in wanted and not given:
+                errors.append(FieldError(f"contract.{name}",
+                                         f"required by model {self.name!r} ({self.process})"))
+            elif given and name not in wanted:
+                errors.append(FieldError(f"contract.{name}",
+                                         f"not a parameter of model {self.name!r} "
+                                         f"({self.process})"))
+        if errors:
+            raise RequestInvalid(errors, f"the contract does not fit model {self.name!r}")
 
     async def sample(self, req: ScenarioRequest) -> dict[str, Any]:
         self.check(req)
         c = req.contract
         # K is not used by S_T's law; the contract's own spot stands in for the domain check
-        contract = Contracts(X0=[c.X0], K=[c.X0], T=[c.T], r=[c.r], d=[c.d], v=[c.v])
+        contract = Contracts(**{f: [c.X0 if f == "K" else getattr(c, f)] for f in self.fields})
         loaded, info = await self.model.resolve(req.model_version)
         if self._waiting >= _MAX_WAITING:
             raise Overloaded("queue_full", f"{self._waiting} scenario samplings are waiting",
@@ -78,9 +107,9 @@ class ScenarioSampler:
             raise domain_invalid(exc, path=f"contract.{exc.field}") from None
         finally:
             self._waiting -= 1
-        inputs = {name: getattr(c, name) for name in CONTRACT_FIELDS if name != "K"}
+        inputs = {name: getattr(c, name) for name in self.fields if name != "K"}
         return {
-            "model": info.as_json(),
+            "model": {"name": self.name, **info.as_json()},
             "contract": inputs,
             "n": req.n,
             "seed": req.seed,

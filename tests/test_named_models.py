@@ -58,8 +58,6 @@ async def store(tmp_path: Any) -> ObjectStore:
         ('[models.bs.core]\nprocess = "gbm"\n', "'bs' is \\[core\\] and \\[model\\]"),
         ('[server]\ndefault_model = "sabr"\n', "default_model = 'sabr' names no model"),
         ('[models.heston.core]\nprocess = "sabr"\n', "models.heston.core.process"),
-        ('[server]\ndefault_model = "heston"\n[models.heston.core]\nprocess = "heston"\n',
-         "'heston' is a heston model; the pricing routes price GBM contracts"),
     ],
 )
 def test_bad_model_settings_name_the_field(tmp_path: Any, toml: str, message: str) -> None:
@@ -406,3 +404,31 @@ async def test_heston_scenarios_shift_v0_and_refuse_a_vol_shift(
         scenarios=[{"name": "x", "vol_abs": 0.01}]))
     assert bad.status == 422
     assert (await bad.json())["fields"][0]["path"] == "scenarios.0.vol_abs"
+
+
+async def test_scenarios_sample_a_named_heston_model(aiohttp_client: Any,
+                                                     store: ObjectStore) -> None:
+    from spectral_core.pricer import Contracts, Pricer
+    from spectral_core.scenarios import sample_terminal
+
+    client = await start_client(aiohttp_client, store=store, settings=_settings())
+    await _serving(client)
+    contract = {k: v for k, v in HESTON_CONTRACTS[0].items() if k != "K"}
+    resp = await client.post("/v1/scenarios", json={"model": "heston", "contract": contract,
+                                                    "n": 500, "seed": 3})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    check_schema(body, "ScenarioResult")
+    assert body["model"]["name"] == "heston" and body["contract"] == contract
+    record = (await model_chain(store, "heston").list())[-1]
+    pricer = Pricer.from_snapshot(await model_chain(store, "heston").load_record(record),
+                                  reproducible=True)
+    c = Contracts(**{f: [contract["X0"] if f == "K" else contract[f]]
+                     for f in pricer.contract_fields})
+    assert body["samples"] == [float(x) for x in sample_terminal(pricer, c, n=500, seed=3)]
+    for change, path in (({"v0": None}, "contract.v0"), ({"v": 0.2}, "contract.v")):
+        bad = {k: v for k, v in {**contract, **change}.items() if v is not None}
+        resp = await client.post("/v1/scenarios", json={"model": "heston", "contract": bad,
+                                                        "n": 5, "seed": 1})
+        assert resp.status == 422
+        assert path in [f["path"] for f in (await resp.json())["fields"]]

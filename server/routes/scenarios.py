@@ -5,13 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.http import canonical_response, read_json
-from server.keys import SCENARIOS_KEY
+from server.keys import MODELS_KEY, SETTINGS_KEY
+from server.models import served_model
 from server.scenarios import ScenarioRequest
 
 
 async def scenarios(request: web.Request) -> web.Response:
     req = await read_json(request, ScenarioRequest)
-    body = await request.app[SCENARIOS_KEY].sample(req)
+    name = req.model or request.app[SETTINGS_KEY].server.default_model
+    body = await served_model(request.app[MODELS_KEY], name).sampler.sample(req)
     return canonical_response(body)
 
 
