@@ -10,7 +10,7 @@ The model: `--store DIR` serves the served (promoted) version of an existing loc
 one `bench.continuous --workdir` kept); without it, the bench trains the default config for
 `--seconds` in-process and commits that.
 
-    python -m bench.scenarios [--model bs] [--store DIR | --seconds S] [--contracts 50]
+    python -m bench.scenarios [--model bs|heston] [--store DIR | --seconds S] [--contracts 50]
         [--samples 10000] [--seed 1]
 
 Output: one JSON line with ks_p_mean, ks_p_frac_below_0_01, sample_ms_p50 (per request,
@@ -36,6 +36,7 @@ from bench.common import emit, held_out_contracts, machine
 from config.settings import (
     LoggingSettings,
     ModelSettings,
+    NamedModelSettings,
     ServerSettings,
     Settings,
     StoreSettings,
@@ -44,23 +45,30 @@ from config.settings import (
 from server.app import create_app
 from server.logging import configure_logging
 from spectral_core.config import CoreConfig
+from spectral_core.processes import get_process, qe
 from spectral_core.processes.gbm import simulate_log_returns
 from spectral_core.trainer import Trainer
 from storage.chain import VersionChain
 from storage.localstore import LocalStore
+from storage.prefixed import ROOT_MODEL, model_store
 from storage.promotion import SERVING_REF
 
-MODELS = {"bs": "gbm"}
+# the model names this bench serves, and their processes
+PROCESS = {"bs": "gbm", "heston": "heston"}
 
 
 def log(msg: str) -> None:
     print(f"[scenarios] {msg}", file=sys.stderr, flush=True)
 
 
-async def train_store(store_dir: Path, seconds: float) -> None:
-    """Train the default config for `seconds` and commit it as the served version."""
-    chain = VersionChain(LocalStore(store_dir))
-    trainer = Trainer(CoreConfig(device="cpu"))
+def core_config(model: str) -> CoreConfig:
+    return CoreConfig(device="cpu", process=PROCESS[model])
+
+
+async def train_store(store_dir: Path, seconds: float, model: str = "bs") -> None:
+    """Train `model`'s default config for `seconds` and commit it as its served version."""
+    chain = VersionChain(model_store(LocalStore(store_dir), model))
+    trainer = Trainer(core_config(model))
     try:
         log(f"training the default model for {seconds:g} s")
         await asyncio.to_thread(trainer.train, seconds=seconds)
@@ -73,23 +81,38 @@ async def train_store(store_dir: Path, seconds: float) -> None:
 
 def mc_samples(cols: dict[str, np.ndarray], i: int, n: int, config: CoreConfig,
                seed: int) -> np.ndarray:
-    """n fresh S_T from the GBM training simulator (its scheme and step count)."""
-    theta = np.array([[cols["T"][i], cols["r"][i], cols["d"][i], cols["v"][i]]])
-    z = np.random.default_rng([seed, i]).standard_normal((1, n, config.sim.timesteps))
-    x = simulate_log_returns(theta, z, scheme=config.sim.scheme,
-                             moment_matching=config.sim.moment_matching,
-                             cap_bytes=config.memory.paths_bytes)
+    """n fresh S_T from the training simulator (its scheme and step count): GBM's paths, or
+    Heston's QE variance paths with x drawn from its conditional law given each path."""
+    rng = np.random.default_rng([seed, i])
+    if config.process == "gbm":
+        theta = np.array([[cols["T"][i], cols["r"][i], cols["d"][i], cols["v"][i]]])
+        z = rng.standard_normal((1, n, config.sim.timesteps))
+        x = simulate_log_returns(theta, z, scheme=config.sim.scheme,
+                                 moment_matching=config.sim.moment_matching,
+                                 cap_bytes=config.memory.paths_bytes)
+        return cols["X0"][i] * np.exp(x[0])
+    names = get_process(config.process).request_fields
+    theta = np.array([[cols[k][i] for k in names]])
+    z = rng.standard_normal((1, n, config.sim.timesteps))
+    ms2 = qe.simulate_heston_conditional(theta, z, cap_bytes=config.memory.paths_bytes,
+                                         martingale_correction=config.sim.martingale_correction)
+    x = qe.sample_log_returns(ms2, rng.standard_normal((1, n)),
+                              cap_bytes=config.memory.paths_bytes)
     return cols["X0"][i] * np.exp(x[0])
 
 
 async def run(args: argparse.Namespace, store_dir: Path) -> dict[str, Any]:
-    config = CoreConfig(device="cpu")
+    config = core_config(args.model)
+    named = {} if args.model == ROOT_MODEL else {
+        args.model: NamedModelSettings(core=config, training=False)}
     settings = Settings(
         server=ServerSettings(max_scenario_samples=max(args.samples, 1)),
         store=StoreSettings(url=f"file://{store_dir}"),
         training=TrainingSettings(enabled=False),
         model=ModelSettings(poll_interval_s=1.0),
+        models=named,
     )
+    fields = [f for f in ("X0", *get_process(config.process).request_fields)]
     cols = held_out_contracts(args.contracts, config.domain, seed=20261203)
     p_values: list[float] = []
     latencies: list[float] = []
@@ -101,9 +124,10 @@ async def run(args: argparse.Namespace, store_dir: Path) -> dict[str, Any]:
             url = str(server.make_url("/v1/scenarios"))
             for i in range(args.contracts):
                 body = {
-                    "contract": {k: float(cols[k][i]) for k in ("X0", "T", "r", "d", "v")},
+                    "contract": {k: float(cols[k][i]) for k in fields},
                     "n": args.samples,
                     "seed": args.seed + i,
+                    "model": args.model,
                 }
                 t0 = time.perf_counter()
                 async with session.post(url, json=body) as resp:
@@ -135,7 +159,7 @@ async def run(args: argparse.Namespace, store_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scenarios", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bs", choices=["bs", "heston", "bates"])
+    parser.add_argument("--model", default="bs", choices=["bs", "heston"])
     parser.add_argument("--store", type=Path, default=None,
                         help="an existing local store directory to serve (default: train one)")
     parser.add_argument("--seconds", type=float, default=300.0,
@@ -144,9 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.model not in MODELS:
-        parser.exit(2, f"bench.scenarios: the service does not yet serve {args.model} "
-                       "(only bs, the gbm process)\n")
+    if args.model not in PROCESS:
+        parser.exit(2, f"bench.scenarios: no simulator here for model {args.model}\n")
     if args.contracts < 1 or args.samples < 2 or args.seconds <= 0:
         parser.exit(2, "bench.scenarios: --contracts >= 1, --samples >= 2, --seconds > 0\n")
     # the app's logs to stderr, warnings and up: stdout holds the result line alone
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         store_dir = args.store
         if store_dir is None:
             store_dir = Path(tmp) / "store"
-            asyncio.run(train_store(store_dir, args.seconds))
+            asyncio.run(train_store(store_dir, args.seconds, args.model))
         elif not store_dir.is_dir():
             parser.exit(2, f"bench.scenarios: --store {store_dir} is not a directory\n")
         emit(asyncio.run(run(args, store_dir.resolve())))

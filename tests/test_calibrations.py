@@ -188,3 +188,59 @@ async def test_a_fit_that_does_not_converge_answers_its_diagnostics_and_writes_n
     latest = await client.app[MARKETDATA_KEY].resolve(namespace="eod", val_datetime=VDT,
                                                       data_asof=NOW)
     assert latest.snapshot.data_asof == ASOF and latest.snapshot.calibration is None
+
+
+async def test_end_to_end_oracle_surface_calibrate_then_value_against_the_oracle(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    """Surface from the exact Heston oracle -> calibrate -> value a book under heston -> each
+    price and implied vol against the oracle at the calibrated parameters, to the accuracy of
+    this (tiny, briefly trained) model measured here on held-out contracts."""
+    from bench.common import held_out_contracts
+    from spectral_core.pricer import Contracts, Pricer
+    from tests.server_fixtures import model_chain
+
+    client = await _client(aiohttp_client, store)
+    cal = await client.post("/v1/calibrations", json=request())
+    assert cal.status == 201, await cal.text()
+    fitted = (await cal.json())["model_params"]
+    # the model's own error against the oracle on 200 held-out contracts: the tolerance
+    record = (await model_chain(store, "heston").list())[-1]
+    pricer = Pricer.from_snapshot(await model_chain(store, "heston").load_record(record),
+                                  reproducible=True)
+    held = held_out_contracts(200, pricer.config.domain, seed=7)
+    learned = pricer.price(Contracts.from_columns(held, fields=pricer.contract_fields))["put"]
+    exact = cos_oracle_put("heston", S0=held["X0"], K=held["K"],
+                           params={k: v for k, v in held.items() if k not in ("X0", "K")})
+    tol = 2.0 * float(np.max(np.abs(learned - exact)))  # price units, spot 100
+    assert 0.0 < tol < 20.0
+    expiries = ["2024-12-27T16:00:00Z", "2025-06-27T16:00:00Z", "2026-06-26T16:00:00Z"]
+    insts = [{"id": f"{t[9]}{j}{k}", "type": t, "underlying": "SPX", "strike": k,
+              "expiry": e}
+             for j, e in enumerate(expiries) for k in (85.0, 100.0, 115.0)
+             for t in ("european_put", "european_call")]
+    resp = await client.post("/v1/valuations", json={
+        "valuation_namespace": "eod", "val_datetime": "2024-06-28T16:00:00Z",
+        "data_asof": NOW.isoformat(), "model": "heston", "instruments": insts})
+    assert resp.status == 200, await resp.text()
+    rows = (await resp.json())["instruments"]
+    T = np.array([r["inputs"]["T"]["value"] for r in rows])
+    K = np.array([r["strike"] for r in rows])
+    n = len(rows)
+    oracle_put = cos_oracle_put("heston", S0=np.full(n, S0), K=K, params={
+        "T": T, "r": np.full(n, R), "d": np.full(n, D),
+        **{k: np.full(n, v) for k, v in fitted.items()}})
+    call = np.array([r["type"] == "european_call" for r in rows])
+    oracle = np.where(call, oracle_put + S0 * np.exp(-D * T) - K * np.exp(-R * T), oracle_put)
+    got = np.array([r["unit_price"] for r in rows])
+    assert np.max(np.abs(got - oracle)) <= tol
+    for kind in ("put", "call"):
+        sel = call if kind == "call" else ~call
+        iv_oracle, _ = implied_vol(oracle[sel], S0=S0, K=K[sel], T=T[sel], r=R, d=D, kind=kind)
+        sd = iv_oracle * np.sqrt(T[sel])
+        d1 = (np.log(S0 / K[sel]) + (R - D) * T[sel]) / sd + 0.5 * sd
+        vega = S0 * np.exp(-D * T[sel]) * np.sqrt(T[sel]) * np.exp(-0.5 * d1**2) / np.sqrt(
+            2 * np.pi)
+        iv = np.array([r["implied_vol"] for r, s in zip(rows, sel, strict=True) if s])
+        # to first order an implied-vol error is the price error over vega
+        assert np.all(np.abs(iv - iv_oracle) <= 1.5 * tol / vega), kind
