@@ -21,8 +21,6 @@ from server.model import BatchStats, ModelInfo, ModelService
 from server.scenarios import ScenarioSampler
 from server.valuation import BookModel
 from server.worker import TrainingWorker
-from spectral_core.pricer import contract_fields, greek_names
-from spectral_core.processes import get_process
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import NotFound, ObjectStore
 from storage.prefixed import ROOT_MODEL, model_prefix, model_store
@@ -49,16 +47,8 @@ class ServedModel:
         return self.settings.core.process
 
     @property
-    def contract_fields(self) -> tuple[str, ...]:
-        """The contract fields this model prices (GBM: X0, K, T, r, d, v)."""
-        return contract_fields(get_process(self.process))
-
-    @property
-    def greek_names(self) -> tuple[str, ...]:
-        return greek_names(get_process(self.process))
-
-    @property
     def book_model(self) -> BookModel:
+        """Its name, process, contract fields and greeks, as the pricing routes need them."""
         return BookModel(self.name, self.process)
 
     def describe(self) -> dict[str, Any]:
@@ -161,7 +151,7 @@ def build_models(
         )
         process = own.core.process
         sampler = ScenarioSampler(service, max_samples=settings.server.max_scenario_samples,
-                                  fields=contract_fields(get_process(process)), name=name,
+                                  fields=BookModel(name, process).fields, name=name,
                                   process=process)
         out[name] = ServedModel(name, own, chain, service, model_metrics, worker, sampler)
     return out

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import FieldError, RequestInvalid
 from server.model import ModelService, Overloaded
-from server.valuation import ModelName, Version, domain_invalid
+from server.valuation import ModelName, ProcessParams, Version, domain_invalid, param_errors
 from spectral_core.pricer import CONTRACT_FIELDS, Contracts, DomainError
 from spectral_core.scenarios import sample_terminal
 from storage.marketdata import Finite, PositiveFinite
@@ -25,24 +25,13 @@ _MAX_WAITING = 4
 MAX_SEED = 2**63 - 1
 
 
-class ScenarioContract(BaseModel):
+class ScenarioContract(ProcessParams):
     """X0, T, r, d and exactly the model's process parameters (as a /v1/price contract, no K)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     X0: PositiveFinite
     T: Finite
     r: Finite
     d: Finite
-    v: Finite | None = None
-    v0: Finite | None = None
-    kappa: Finite | None = None
-    theta_v: Finite | None = None
-    xi: Finite | None = None
-    rho: Finite | None = None
-    lam: Finite | None = None
-    mu_j: Finite | None = None
-    sigma_j: Finite | None = None
 
 
 class ScenarioRequest(BaseModel):
@@ -75,17 +64,8 @@ class ScenarioSampler:
                                  "(server.max_scenario_samples)")],
                 "too many samples",
             )
-        wanted = set(self.fields) - {"X0", "K", "T", "r", "d"}
-        errors = []
-        for name in ("v", "v0", "kappa", "theta_v", "xi", "rho", "lam", "mu_j", "sigma_j"):
-            given = getattr(req.contract, name) is not None
-            if name in wanted and not given:
-                errors.append(FieldError(f"contract.{name}",
-                                         f"required by model {self.name!r} ({self.process})"))
-            elif given and name not in wanted:
-                errors.append(FieldError(f"contract.{name}",
-                                         f"not a parameter of model {self.name!r} "
-                                         f"({self.process})"))
+        errors = param_errors(req.contract, self.fields, path="contract", model=self.name,
+                              process=self.process)
         if errors:
             raise RequestInvalid(errors, f"the contract does not fit model {self.name!r}")
 

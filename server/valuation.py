@@ -158,16 +158,11 @@ class ValuationRequest(_Body):
     scenarios: list[Scenario] = Field(default_factory=list)
 
 
-class ContractIn(_Body):
-    """Spot, strike, T, r, d and the parameters of the model's process: GBM's v; Heston's
-    v0, kappa, theta_v, xi, rho; Bates's those and lam, mu_j, sigma_j. Which of them a
-    contract must and may carry depends on the model (check_price_request)."""
+class ProcessParams(_Body):
+    """The parameters of every process a contract may carry: GBM's v; Heston's v0, kappa,
+    theta_v, xi, rho; Bates's those and lam, mu_j, sigma_j. Which of them a contract must and
+    may carry depends on its model (param_errors)."""
 
-    X0: PositiveFinite
-    K: PositiveFinite
-    T: Finite
-    r: Finite
-    d: Finite
     v: Finite | None = None
     v0: Finite | None = None
     kappa: Finite | None = None
@@ -179,9 +174,34 @@ class ContractIn(_Body):
     sigma_j: Finite | None = None
 
 
-_PROCESS_PARAMS: tuple[str, ...] = (
-    "v", "v0", "kappa", "theta_v", "xi", "rho", "lam", "mu_j", "sigma_j"
-)
+PROCESS_PARAMS: tuple[str, ...] = tuple(ProcessParams.model_fields)
+
+
+def param_errors(c: ProcessParams, fields: Sequence[str], *, path: str, model: str,
+                 process: str) -> list[FieldError]:
+    """A 422 field per parameter of `model` missing from `c`, and per one it does not have."""
+    wanted = [f for f in PROCESS_PARAMS if f in fields]
+    errors = []
+    for name in PROCESS_PARAMS:
+        given = getattr(c, name) is not None
+        if name in wanted and not given:
+            errors.append(FieldError(f"{path}.{name}", f"required by model {model!r} ({process})"))
+        elif given and name not in wanted:
+            errors.append(FieldError(
+                f"{path}.{name}",
+                f"not a parameter of model {model!r} ({process}: {', '.join(wanted)})",
+            ))
+    return errors
+
+
+class ContractIn(ProcessParams):
+    """Spot, strike, T, r, d and the model's process parameters (ProcessParams)."""
+
+    X0: PositiveFinite
+    K: PositiveFinite
+    T: Finite
+    r: Finite
+    d: Finite
 
 
 class PriceRequest(_Body):
@@ -310,19 +330,9 @@ def check_price_request(
             [FieldError("contracts", f"at most {limits.max_items} contracts, got {n}")],
             "too many contracts",
         )
-    wanted = [f for f in _PROCESS_PARAMS if f in fields]
     errors: list[FieldError] = []
     for i, c in enumerate(req.contracts):
-        for name in _PROCESS_PARAMS:
-            given = getattr(c, name) is not None
-            if name in wanted and not given:
-                errors.append(FieldError(f"contracts.{i}.{name}",
-                                         f"required by model {model!r} ({process})"))
-            elif given and name not in wanted:
-                errors.append(FieldError(
-                    f"contracts.{i}.{name}",
-                    f"not a parameter of model {model!r} ({process}: {', '.join(wanted)})",
-                ))
+        errors += param_errors(c, fields, path=f"contracts.{i}", model=model, process=process)
         if len(errors) >= 20:  # enough to name the mistake; a 1,000-row book stays readable
             break
     if errors:

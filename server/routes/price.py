@@ -17,10 +17,11 @@ async def price(request: web.Request) -> web.Response:
     req = await read_json(request, PriceRequest)
     name = req.model or request.app[SETTINGS_KEY].server.default_model
     served = served_model(request.app[MODELS_KEY], name)
-    check_price_request(req, limits=limits(request), fields=served.contract_fields,
-                        model=name, process=served.process)
-    body = await price_contracts(req, model=served.service, fields=served.contract_fields,
-                                 greeks=served.greek_names, name=name, deadline_s=deadline)
+    spec = served.book_model
+    check_price_request(req, limits=limits(request), fields=spec.fields, model=name,
+                        process=spec.process)
+    body = await price_contracts(req, model=served.service, fields=spec.fields,
+                                 greeks=spec.greeks, name=name, deadline_s=deadline)
     return canonical_response(body)
 
 
