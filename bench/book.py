@@ -119,11 +119,12 @@ def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
 
 
 async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: int,
-              requests: int) -> dict[str, Any]:
+              requests: int, gc_freeze: bool = False) -> dict[str, Any]:
     config = await prepare_store(store_dir, process)
     settings = Settings(
         server=ServerSettings(max_instruments=max(instruments, 1), max_scenarios=max(
-            n_scenarios, 1), max_body_bytes=64 * 1024 * 1024, request_timeout_s=600.0),
+            n_scenarios, 1), max_body_bytes=64 * 1024 * 1024, request_timeout_s=600.0,
+            gc_freeze=gc_freeze),
         store=StoreSettings(url=f"file://{store_dir}"),
         training=TrainingSettings(enabled=False),
         model=ModelSettings(poll_interval_s=1.0),
@@ -173,6 +174,7 @@ async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: i
         "instruments": instruments,
         "scenarios": n_scenarios,
         "requests": requests,
+        "gc_freeze": gc_freeze,
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "no_scenarios_p50_ms": round(float(np.percentile(plain, 50)), 2),
@@ -183,8 +185,9 @@ async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: i
     }
 
 
-def main(process: str, *, instruments: int, n_scenarios: int, requests: int) -> None:
+def main(process: str, *, instruments: int, n_scenarios: int, requests: int,
+         gc_freeze: bool = False) -> None:
     configure_logging(LoggingSettings(level="WARNING", format="json"))
     with tempfile.TemporaryDirectory() as tmp:
         emit(asyncio.run(run(process, Path(tmp) / "store", instruments=instruments,
-                             n_scenarios=n_scenarios, requests=requests)))
+                             n_scenarios=n_scenarios, requests=requests, gc_freeze=gc_freeze)))

@@ -164,12 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--instruments", type=int, default=1_000, help="with --book")
     p.add_argument("--scenarios", type=int, default=16, help="with --book")
     p.add_argument("--requests", type=int, default=30, help="with --book")
+    p.add_argument("--gc-freeze", action="store_true", help="with --book: [server] gc_freeze")
     args = p.parse_args(argv)
     if args.book:
         from bench import book
 
         book.main(args.process, instruments=args.instruments, n_scenarios=args.scenarios,
-                  requests=args.requests)
+                  requests=args.requests, gc_freeze=args.gc_freeze)
         return
 
     config = CoreConfig(process=args.process)

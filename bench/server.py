@@ -145,6 +145,9 @@ def run_wrk(
         "requests": raw["requests"],
         "errors": errors,
     }
+    if errors:  # which kind: a wrong status, or a socket error (wrk's own counters)
+        out["error_kinds"] = {k: raw[k] for k in ("status", "connect", "read", "write",
+                                                  "timeout") if raw[k]}
     log(f"{name}: {out}")
     return out
 
@@ -302,12 +305,22 @@ async def wait_http(base: str, body: bytes) -> None:
     raise RuntimeError(f"{base} did not answer")
 
 
+async def log_rejections(base: str) -> None:
+    """The server's own count of the requests it refused (admission control), by reason."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(("spectralmc_pricing_rejections_total{",
+                            "spectralmc_http_requests_total{")) and 'status="2' not in line:
+            log(f"server metrics: {line}")
+
+
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     S, C, CB = args.seconds, args.connections, args.batch_connections
     single = price_body(1, args.seed)
     batch = price_body(1000, args.seed + 1)
     result: dict[str, Any] = {"bench": "server", "seconds": S, "connections": C,
-                              "batch_connections": CB}
+                              "batch_connections": CB, "gc_freeze": args.gc_freeze}
     errors = 0
 
     proc, base_url = start_baseline(workdir)
@@ -321,7 +334,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     errors += baseline["errors"]
 
     # no [core] section: the served model is the default size
-    server = ServerProcess(workdir, commit_every_s=args.commit_every, template=SERVICE_TOML)
+    template = SERVICE_TOML if args.gc_freeze else SERVICE_TOML.replace(
+        "[server]\n", "[server]\ngc_freeze = false\n", 1)
+    server = ServerProcess(workdir, commit_every_s=args.commit_every, template=template)
     server.start()
     try:
 
@@ -374,6 +389,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                            name="book1000")
         for run in (training, paused, single_v, batch1000, book1000):
             errors += run["errors"]
+        if any(run["errors"] for run in (training, paused, single_v, batch1000, book1000)):
+            asyncio.run(log_rejections(server.base))
         over = asyncio.run(
             overload(server.base, batch, rate=4.0 * batch1000["rps"], seconds=S)
         )
@@ -421,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="wrk connections, 1,000-row runs")
     p.add_argument("--commit-every", type=float, default=5.0, help="training commit period, s")
     p.add_argument("--seed", type=int, default=20261202)
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="serve with [server] gc_freeze = false (for an A/B of the freeze)")
     args = p.parse_args(argv)
     if args.seconds < 1 or args.connections < 1 or args.batch_connections < 1:
         p.error("--seconds must be >= 1, --connections and --batch-connections >= 1")
