@@ -334,8 +334,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     errors += baseline["errors"]
 
     # no [core] section: the served model is the default size
-    template = SERVICE_TOML if args.gc_freeze else SERVICE_TOML.replace(
-        "[server]\n", "[server]\ngc_freeze = false\n", 1)
+    template = SERVICE_TOML.replace(
+        "[server]\n", f"[server]\ngc_freeze = {str(args.gc_freeze).lower()}\n", 1)
     server = ServerProcess(workdir, commit_every_s=args.commit_every, template=template)
     server.start()
     try:
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="wrk connections, 1,000-row runs")
     p.add_argument("--commit-every", type=float, default=5.0, help="training commit period, s")
     p.add_argument("--seed", type=int, default=20261202)
-    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
-                   help="serve with [server] gc_freeze = false (for an A/B of the freeze)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="serve with [server] gc_freeze = true (default false, as the server)")
     args = p.parse_args(argv)
     if args.seconds < 1 or args.connections < 1 or args.batch_connections < 1:
         p.error("--seconds must be >= 1, --connections and --batch-connections >= 1")
