@@ -109,7 +109,8 @@ async def _serve_models(app: web.Application) -> AsyncIterator[None]:
         cur = models[default].service.current
         if cur is None:
             client = models[default].service.client
-            return Readiness(False, client.last_error or "no model version committed yet")
+            return Readiness(False, client.last_error or client.waiting
+                             or "no model version committed yet")
         others = "".join(
             f"; {m.name}: " + ("none" if (c := m.service.current) is None else f"v{c.counter}")
             for m in models.values() if m.name != default

@@ -333,7 +333,8 @@ class ModelService:
             return loaded, self.info(loaded, mode="version")
         cur = self.client.current
         if cur is None:
-            raise NoModel(self.client.last_error or "no model version has been committed yet")
+            raise NoModel(self.client.last_error or self.client.waiting
+                          or "no model version has been committed yet")
         return cur, self.info(cur)
 
     async def price(

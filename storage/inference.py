@@ -110,6 +110,8 @@ class InferenceClient(Generic[T]):
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.last_error_at: datetime | None = None
+        # why nothing is wanted yet, for the 503 detail (None once a version is wanted)
+        self.waiting: str | None = "no model version has been committed yet"
         # Versions whose blob failed its integrity check, by version_hash -> (counter, reason).
         # Bytes under a content hash never heal, so they are not downloaded again; each poll that
         # still wants one is refused at once (and counted) until a newer good version appears.
@@ -142,12 +144,21 @@ class InferenceClient(Generic[T]):
         if isinstance(mode, Tracking):
             counter = await self.chain.ref(SERVING_REF)
             if counter is not None:
+                self.waiting = None
                 return await self.chain.get(counter)
             head = await self.chain.head()
-            if head is None or is_assessed(head):
-                return None  # assessed versions exist but none was promoted yet
+            if head is None:
+                self.waiting = "no model version has been committed yet"
+                return None
+            if is_assessed(head):
+                # assessed versions exist but none was promoted yet
+                self.waiting = (f"no version has passed the promotion gate yet (HEAD is version "
+                                f"{head.counter}; the refusals are in the chain's audit log)")
+                return None
+            self.waiting = None
             return head
         counter = await self.chain.resolve(mode.target)
+        self.waiting = None
         return await self.chain.get(counter)
 
     async def refresh(self) -> bool:

@@ -432,3 +432,22 @@ async def test_scenarios_sample_a_named_heston_model(aiohttp_client: Any,
                                                         "n": 5, "seed": 1})
         assert resp.status == 422
         assert path in [f["path"] for f in (await resp.json())["fields"]]
+
+
+async def test_a_model_with_no_promoted_version_says_why_it_serves_nothing(
+    aiohttp_client: Any, tmp_path: Any
+) -> None:
+    from tests.server_fixtures import trained_heston_snapshots
+
+    s = LocalStore(tmp_path / "store")
+    await commit_model(s)
+    snapshot, _ = trained_heston_snapshots()[0]
+    # assessed (it carries a quality report) but refused by the gate: no serving ref
+    await model_chain(s, "heston").commit(snapshot, quality={"held_out_mean_bp": 50.0})
+    client = await start_client(aiohttp_client, store=s, settings=_settings())
+    resp = await client.post("/v1/price", json={"model": "heston", "contracts": HESTON_CONTRACTS})
+    assert resp.status == 503
+    assert "no version has passed the promotion gate yet (HEAD is version 1" in (
+        await resp.json())["detail"]
+    ready = await (await client.get("/readyz")).json()
+    assert ready["status"] == "ready" and "heston: none" in ready["reason"]
