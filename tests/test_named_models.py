@@ -451,3 +451,27 @@ async def test_a_model_with_no_promoted_version_says_why_it_serves_nothing(
         await resp.json())["detail"]
     ready = await (await client.get("/readyz")).json()
     assert ready["status"] == "ready" and "heston: none" in ready["reason"]
+
+
+async def test_replicas_on_one_store_agree_on_a_named_models_pin(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    await commit_model(store, model="heston", which=1)  # heston v2 (HEAD)
+    a = await start_client(aiohttp_client, store=store, settings=_settings())
+    b = await start_client(aiohttp_client, store=store, settings=_settings())
+
+    async def serves(client: Any, counter: int, mode: str) -> bool:
+        live = (await (await client.get("/v1/models/heston")).json())["live"]
+        return live is not None and (live["counter"], live["mode"]) == (counter, mode)
+
+    for c in (a, b):
+        await until(lambda c=c: serves(c, 2, "tracking"), what="both replicas on heston HEAD")
+    resp = await a.put("/v1/admin/models/heston/pin", json={"version": 1}, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    await until(lambda: serves(b, 1, "pinned"), what="replica b to follow a's pin")
+    assert await serves(a, 1, "pinned")
+    bs = (await (await b.get("/v1/models/bs")).json())["live"]
+    assert bs["mode"] == "tracking"  # bs is not pinned by heston's pin
+    resp = await b.delete("/v1/admin/models/heston/pin", headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    await until(lambda: serves(a, 2, "tracking"), what="replica a to follow b's unpin")
