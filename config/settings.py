@@ -145,6 +145,10 @@ class TrainingSettings(_Group):
     max_seconds: float | None = Field(default=None, gt=0.0)
     max_steps: int | None = Field(default=None, ge=1)
     commit: CommitPlan = CommitPlan()
+    # The share of one core's time this trainer may take: after a step of t seconds it rests
+    # t (1 - share) / share, so several models' trainers (and the pricing thread) share the
+    # CPU as configured. 1: no rest. Per named model: [models.<name>] cpu_share.
+    cpu_share: float = Field(default=1.0, gt=0.0, le=1.0)
     # One trainer per chain: the training lease (storage/lease.py) expires this long after its
     # holder last renewed it (every third of it); a standby server then takes over. Well above
     # the servers' clock skew.
@@ -181,6 +185,7 @@ class NamedModelSettings(_Group):
     core: CoreConfig = CoreConfig()
     model: ModelSettings = ModelSettings()
     training: bool = True
+    cpu_share: float = Field(default=1.0, gt=0.0, le=1.0)  # as [training] cpu_share
 
 
 class PromotionSettings(_Group):
@@ -296,7 +301,8 @@ class Settings(BaseSettings):
             return self
         named = self.models[name]
         training = self.training.model_copy(
-            update={"enabled": self.training.enabled and named.training}
+            update={"enabled": self.training.enabled and named.training,
+                    "cpu_share": named.cpu_share}
         )
         return self.model_copy(update={"core": named.core, "model": named.model,
                                        "training": training})

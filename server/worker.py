@@ -14,7 +14,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -98,6 +98,27 @@ def commit_plan(settings: Settings) -> CommitPlan:
 def training_config(settings: Settings) -> CoreConfig:
     """The numerical config with the training device from settings applied."""
     return settings.core.model_copy(update={"device": settings.training.device})
+
+
+class DutyCycle:
+    """Keeps a loop's busy share at `share` of the wall clock: `rest_s()` after a busy spell of
+    t seconds (since the last `mark()`) is t (1 - share) / share."""
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (0.0 < share <= 1.0):
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
+        self.share = share
+        self.clock = clock
+        self._since: float | None = None
+
+    def rest_s(self) -> float:
+        if self._since is None or self.share >= 1.0:
+            return 0.0
+        busy = max(self.clock() - self._since, 0.0)
+        return busy * (1.0 - self.share) / self.share
+
+    def mark(self) -> None:
+        self._since = self.clock()
 
 
 class TrainingWorker:
@@ -521,8 +542,20 @@ class TrainingWorker:
         self.state = "running" if self._running.is_set() else "paused"
         self._open_tensorboard()
 
+        duty = DutyCycle(self.settings.training.cpu_share)
+
         def should_continue() -> bool:
-            """Between steps: serve commit requests, wait while paused, stop or lose the lease."""
+            """Between steps: rest for the CPU share, serve commit requests, wait while paused,
+            stop or lose the lease."""
+            rest = duty.rest_s()
+            if rest > 0.0:
+                self._stop.wait(rest)  # a stop ends the rest at once
+            try:
+                return _between_steps()
+            finally:
+                duty.mark()
+
+        def _between_steps() -> bool:
             while True:
                 if self._stop.is_set() or self._lease_lost.is_set():
                     return False

@@ -475,3 +475,34 @@ async def test_replicas_on_one_store_agree_on_a_named_models_pin(
     resp = await b.delete("/v1/admin/models/heston/pin", headers=ADMIN)
     assert resp.status == 200, await resp.text()
     await until(lambda: serves(a, 2, "tracking"), what="replica a to follow b's unpin")
+
+
+def test_a_named_models_cpu_share_reaches_its_trainer_settings(tmp_path: Any) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text('[training]\ncpu_share = 0.8\n[models.heston]\ncpu_share = 0.25\n'
+                 '[models.heston.core]\nprocess = "heston"\n')
+    s = load_settings(f, env={})
+    assert s.training.cpu_share == 0.8 and s.for_model("heston").training.cpu_share == 0.25
+    f.write_text('[models.heston]\ncpu_share = 0\n')
+    with pytest.raises(SettingsError, match=r"models\.heston\.cpu_share"):
+        load_settings(f, env={})
+
+
+def test_the_duty_cycle_rests_in_proportion_to_the_busy_time() -> None:
+    from server.worker import DutyCycle
+
+    now = [100.0]
+    duty = DutyCycle(0.25, clock=lambda: now[0])
+    assert duty.rest_s() == 0.0  # nothing measured yet
+    duty.mark()
+    now[0] += 0.2  # a 0.2 s step
+    assert duty.rest_s() == pytest.approx(0.6)  # busy 0.2 of every 0.8 s: a quarter
+    duty.mark()
+    now[0] += 0.05
+    assert duty.rest_s() == pytest.approx(0.15)
+    full = DutyCycle(1.0, clock=lambda: now[0])
+    full.mark()
+    now[0] += 1.0
+    assert full.rest_s() == 0.0
+    with pytest.raises(ValueError, match="share must be in"):
+        DutyCycle(0.0)
