@@ -172,6 +172,15 @@ class Calibrator:
                 [FieldError(f"initial.{k}", f"not a parameter of model {req.model!r} "
                                             f"({served.process}: {', '.join(names)})")
                  for k in unknown], "unknown initial parameters")
+        domain = served.settings.core.domain
+        outside = [
+            FieldError(f"initial.{k}", f"{v!r} is outside the model's trained domain "
+                                       f"[{domain.bounds(k).lower}, {domain.bounds(k).upper}]")
+            for k, v in sorted((req.initial or {}).items())
+            if not domain.bounds(k).lower <= v <= domain.bounds(k).upper
+        ]
+        if outside:
+            raise RequestInvalid(outside, "initial parameters outside the domain")
 
     async def calibrate(self, req: CalibrationRequest) -> tuple[StoredSnapshot, dict[str, Any]]:
         """Fit, write the derived snapshot, and answer (stored snapshot, body)."""

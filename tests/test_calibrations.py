@@ -144,6 +144,7 @@ async def test_a_fit_is_stored_as_a_derived_snapshot_that_valuations_read(
         ({"model": "bs"}, 422, "reads sigma off the vol surface itself"),
         ({"model": "sabr"}, 404, "model 'sabr' is not served here"),
         ({"initial": {"sigma": 0.2}}, 422, "not a parameter of model 'heston'"),
+        ({"initial": {"v0": 5.0}}, 422, "5.0 is outside the model's trained domain"),
         ({"weights": "equal"}, 422, "weights"),
         ({"model_version": 7}, 404, "7"),
     ],
