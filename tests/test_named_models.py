@@ -506,3 +506,60 @@ def test_the_duty_cycle_rests_in_proportion_to_the_busy_time() -> None:
     assert full.rest_s() == 0.0
     with pytest.raises(ValueError, match="share must be in"):
         DutyCycle(0.0)
+
+
+# ------------------------------------------------------------------------------ bates
+
+BATES_SPX = {**HESTON_SPX, "lam": 0.3, "mu_j": -0.1, "sigma_j": 0.15}
+
+
+async def test_a_bates_model_prices_values_and_samples_through_the_server(
+    aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """The third process end to end: its own parameters on /v1/price, from model_params on
+    /v1/valuations (with its jump greeks), on /v1/scenarios; a wrong one named."""
+    from spectral_core.config import CoreConfig
+    from spectral_core.pricer import Contracts, Pricer
+    from spectral_core.trainer import Trainer
+    from tests.core_fixtures import tiny_heston_config
+
+    base = tiny_heston_config()
+    config = CoreConfig(process="bates", sim=base.sim, spectrum=base.spectrum, arch=base.arch,
+                        optim=base.optim, train=base.train)
+    with Trainer(config) as trainer:
+        trainer.train(steps=10)
+        snapshot = trainer.snapshot()
+    s = LocalStore(tmp_path / "store")
+    await commit_model(s)
+    await model_chain(s, "jumps").commit(snapshot, message="tiny bates")
+    settings = make_settings(models={"jumps": NamedModelSettings(core=config, training=False)},
+                             poll_interval_s=0.05)
+    client = await start_client(aiohttp_client, store=s, settings=settings)
+    await _serving(client)
+    contract = {"X0": 100.0, "K": 95.0, "T": 0.5, "r": 0.02, "d": 0.01, **BATES_SPX}
+    resp = await client.post("/v1/price", json={"model": "jumps", "contracts": [contract],
+                                                "greeks": True})
+    assert resp.status == 200, await resp.text()
+    row = (await resp.json())["contracts"][0]
+    pricer = Pricer.from_snapshot(snapshot, reproducible=True)
+    want = pricer.price(Contracts.from_columns({k: [v] for k, v in contract.items()},
+                                               fields=pricer.contract_fields), greeks=True)
+    assert row["put"] == pytest.approx(float(want["put"][0]), rel=1e-12, abs=1e-12)
+    assert {"d_lam", "d_mu_j", "d_sigma_j", "d_v0"} <= set(row["greeks"]["put"])
+    missing = {k: v for k, v in contract.items() if k != "lam"}
+    resp = await client.post("/v1/price", json={"model": "jumps", "contracts": [missing]})
+    assert resp.status == 422 and "contracts.0.lam" in await resp.text()
+    await put_market_data(client, body=market_body(NOW - timedelta(hours=1),
+                                                   model_params={"SPX": {"jumps": BATES_SPX}}))
+    val = await client.post("/v1/valuations", json={**_valuation(greeks=True), "model": "jumps"})
+    assert val.status == 200, await val.text()
+    body = await val.json()
+    check_schema(body, "ValuationResult")
+    put = {r["id"]: r for r in body["instruments"]}["p"]
+    assert put["inputs"]["lam"] == {"value": 0.3, "source": "model_params SPX jumps"}
+    assert "d_sigma_j" in body["totals"]["greeks"]
+    sc = await client.post("/v1/scenarios", json={"model": "jumps", "n": 50, "seed": 1,
+                                                  "contract": {k: v for k, v in contract.items()
+                                                               if k != "K"}})
+    assert sc.status == 200, await sc.text()
+    assert len((await sc.json())["samples"]) == 50
