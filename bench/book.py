@@ -119,7 +119,7 @@ def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
 
 
 async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: int,
-              requests: int, gc_freeze: bool = False) -> dict[str, Any]:
+              requests: int, gc_freeze: bool = True) -> dict[str, Any]:
     config = await prepare_store(store_dir, process)
     settings = Settings(
         server=ServerSettings(max_instruments=max(instruments, 1), max_scenarios=max(
@@ -186,7 +186,7 @@ async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: i
 
 
 def main(process: str, *, instruments: int, n_scenarios: int, requests: int,
-         gc_freeze: bool = False) -> None:
+         gc_freeze: bool = True) -> None:
     configure_logging(LoggingSettings(level="WARNING", format="json"))
     with tempfile.TemporaryDirectory() as tmp:
         emit(asyncio.run(run(process, Path(tmp) / "store", instruments=instruments,

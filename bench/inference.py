@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--instruments", type=int, default=1_000, help="with --book")
     p.add_argument("--scenarios", type=int, default=16, help="with --book")
     p.add_argument("--requests", type=int, default=30, help="with --book")
-    p.add_argument("--gc-freeze", action="store_true", help="with --book: [server] gc_freeze")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="with --book: [server] gc_freeze = false (default true)")
     args = p.parse_args(argv)
     if args.book:
         from bench import book

@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="wrk connections, 1,000-row runs")
     p.add_argument("--commit-every", type=float, default=5.0, help="training commit period, s")
     p.add_argument("--seed", type=int, default=20261202)
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="serve with [server] gc_freeze = true (default false, as the server)")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="serve with [server] gc_freeze = false (default true, as the server)")
     args = p.parse_args(argv)
     if args.seconds < 1 or args.connections < 1 or args.batch_connections < 1:
         p.error("--seconds must be >= 1, --connections and --batch-connections >= 1")

@@ -56,10 +56,9 @@ class ServerSettings(_Group):
     max_calibration_points: int = Field(default=1_000, ge=1, le=100_000)
     # POST /v1/valuations: named scenarios per request (each reprices the book's options)
     max_scenarios: int = Field(default=64, ge=1, le=1_024)
-    # gc.freeze() once a model serves: full collections skip the start-up heap. Off by default:
-    # measured in bench.server it halves the pricing p99s with training paused but raises the
-    # single-contract p99 with training on from ~20 ms to 140-260 ms (cause not yet found)
-    gc_freeze: bool = False
+    # gc.freeze() once a model serves: full collections (~230 ms over the start-up heap) then
+    # skip it; bench.server: every pricing p99 lower or equal (README, Operating notes)
+    gc_freeze: bool = True
     # The model a request that names none is priced by, and the admin routes without a model
     # act on: "bs" or a name under [models].
     default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)

@@ -135,11 +135,11 @@ async def _freeze_heap_when_serving(services: list[ModelService], poll_s: float 
     collection then walks only what was made since: measured on this service's heap of
     ~450,000 start-up objects, 230 ms pauses every ~12 book valuations became ~1 ms
     (bench.inference --book). Frozen objects are still freed by reference counting; only
-    cyclic garbage among them would stay. Off by default ([server] gc_freeze): with training
-    on, bench.server measured a worse single-contract p99 (README, Operating notes)."""
+    cyclic garbage among them would stay."""
     while all(s.current is None for s in services):
         await asyncio.sleep(poll_s)
-    gc.collect()
+    # no gc.collect() first: on this heap it is itself a ~230 ms pause of the event loop
+    # (measured); the garbage of this moment stays frozen, a one-time bounded cost
     gc.freeze()
     log.info("heap_frozen", objects=gc.get_freeze_count())
 

@@ -18,7 +18,7 @@ async def test_the_heap_is_frozen_once_a_model_serves(
     store = LocalStore(tmp_path / "store")
     await commit_model(store)
     client = await start_client(aiohttp_client, store=store,
-                                settings=make_settings(poll_interval_s=0.05, gc_freeze=True))
+                                settings=make_settings(poll_interval_s=0.05))  # the default: on
 
     async def frozen() -> bool:
         return gc.get_freeze_count() > 0
@@ -27,7 +27,7 @@ async def test_the_heap_is_frozen_once_a_model_serves(
     assert (await client.get("/readyz")).status == 200
     gc.unfreeze()
     off = await start_client(aiohttp_client, store=store,
-                             settings=make_settings(poll_interval_s=0.05))  # the default: off
+                             settings=make_settings(poll_interval_s=0.05, gc_freeze=False))
     assert (await off.get("/readyz")).status == 200
     await asyncio.sleep(0.6)  # past the freezer's poll
     assert gc.get_freeze_count() == 0
