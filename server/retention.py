@@ -19,16 +19,13 @@ import structlog
 from aiohttp import web
 
 from config.settings import RetentionSettings
-from server.jobs import describe_error
+from server.jobs import JobScheduler, describe_error
 from server.keys import (
-    CHAIN_KEY,
     CLOCK_KEY,
     JOBS_KEY,
     METRICS_KEY,
-    MODEL_KEY,
     MODELS_KEY,
     SETTINGS_KEY,
-    STORE_KEY,
     Clock,
 )
 from server.metrics import Metrics
@@ -222,65 +219,15 @@ class RetentionService:
 
 
 RETENTION_KEY = web.AppKey("retention", RetentionService)  # bs's chain and the job results
-# every model's retention, bs's first: each [models.<name>] chain is collected by its own
+# every model's retention, bs's first: each model's chain is collected by its own
 MODEL_RETENTIONS_KEY = web.AppKey("model_retentions", list[RetentionService])
 
 
-def served_versions(app: web.Application) -> Callable[[], list[int]]:
-    """Counters retention must keep beyond refs: the served version, a pinned_version from
-    settings and the exact model_version of any configured job."""
-    settings = app[SETTINGS_KEY]
-    model = app[MODEL_KEY]
-    scheduler = app[JOBS_KEY]
-
-    def protect() -> list[int]:
-        out: list[int] = []
-        if settings.model.pinned_version:
-            out.append(settings.model.pinned_version)
-        cur = model.current
-        if cur is not None:
-            out.append(cur.counter)
-        for state in scheduler.states.values():
-            if state.spec.model_version is not None:
-                out.append(state.spec.model_version)
-        return out
-
-    return protect
-
-
-def build_retention(app: web.Application) -> list[RetentionService]:
-    """One RetentionService per served model, bs's first; only bs's prunes the job results
-    (they live at the store's root)."""
-    out = [
-        RetentionService(
-            app[SETTINGS_KEY].retention,
-            chain=app[CHAIN_KEY],
-            store=app[STORE_KEY],
-            clock=app[CLOCK_KEY],
-            metrics=app[METRICS_KEY],
-            protect=served_versions(app),
-        )
-    ]
-    for name, served in app[MODELS_KEY].items():
-        if name == ROOT_MODEL:
-            continue
-        out.append(
-            RetentionService(
-                app[SETTINGS_KEY].retention,
-                chain=served.chain,
-                store=served.chain.store,
-                clock=app[CLOCK_KEY],
-                metrics=app[METRICS_KEY],
-                protect=_model_versions(served),
-                model=name,
-                jobs_prefix=None,
-            )
-        )
-    return out
-
-
-def _model_versions(served: ServedModel) -> Callable[[], list[int]]:
-    """A named model's counters to keep beyond refs: its served version and a pinned_version."""
+def served_versions(served: ServedModel, jobs: JobScheduler | None = None
+                    ) -> Callable[[], list[int]]:
+    """Counters retention must keep in `served`'s chain beyond refs: the version it serves, a
+    pinned_version from its settings and, given the scheduler of the jobs that price with
+    this model, the exact model_version of any of them."""
 
     def protect() -> list[int]:
         out: list[int] = []
@@ -289,9 +236,33 @@ def _model_versions(served: ServedModel) -> Callable[[], list[int]]:
         cur = served.service.current
         if cur is not None:
             out.append(cur.counter)
+        for state in jobs.states.values() if jobs is not None else ():
+            if state.spec.model_version is not None:
+                out.append(state.spec.model_version)
         return out
 
     return protect
+
+
+def build_retention(app: web.Application) -> list[RetentionService]:
+    """One RetentionService per served model, bs's first. Jobs price with [server]
+    default_model, so their versions are kept in its chain; the job results live at the
+    store's root and are pruned once, by bs's."""
+    settings = app[SETTINGS_KEY]
+    default = settings.server.default_model
+    return [
+        RetentionService(
+            settings.retention,
+            chain=served.chain,
+            store=served.chain.store,  # the store itself for bs (storage.prefixed.model_store)
+            clock=app[CLOCK_KEY],
+            metrics=app[METRICS_KEY],
+            protect=served_versions(served, app[JOBS_KEY] if name == default else None),
+            model=name,
+            jobs_prefix="jobs" if name == ROOT_MODEL else None,
+        )
+        for name, served in app[MODELS_KEY].items()  # bs first (build_models)
+    ]
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from config.settings import NamedModelSettings, RetentionSettings, SettingsError, load_settings
+from server.keys import MODELS_KEY
 from server.retention import MODEL_RETENTIONS_KEY
 from storage.localstore import LocalStore
 from storage.objectstore import ObjectStore
@@ -563,3 +564,17 @@ async def test_a_bates_model_prices_values_and_samples_through_the_server(
                                                                if k != "K"}})
     assert sc.status == 200, await sc.text()
     assert len((await sc.json())["samples"]) == 50
+
+
+async def test_each_chain_has_one_retention_whatever_the_default_model(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    settings = _settings()
+    settings = settings.model_copy(update={"server": settings.server.model_copy(
+        update={"default_model": "heston"})})
+    client = await start_client(aiohttp_client, store=store, settings=settings)
+    services = client.app[MODEL_RETENTIONS_KEY]
+    models = client.app[MODELS_KEY]
+    assert [s.model for s in services] == ["bs", "heston"]
+    assert [s.chain for s in services] == [models["bs"].chain, models["heston"].chain]
+    assert [s.jobs_prefix for s in services] == ["jobs", None]  # job results pruned once
