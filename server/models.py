@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from aiohttp import web
+
 from config.settings import Settings
+from server.keys import MODELS_KEY, SETTINGS_KEY
 from server.metrics import Metrics, ModelMetrics
 from server.model import BatchStats, ModelInfo, ModelService
 from server.scenarios import ScenarioSampler
@@ -163,3 +166,9 @@ def served_model(models: dict[str, ServedModel], name: str) -> ServedModel:
         return models[name]
     except KeyError:
         raise NotFound(f"model {name!r} is not served here (models: {sorted(models)})") from None
+
+
+def request_model(app: web.Application, name: str | None) -> ServedModel:
+    """The model a request names, else [server] default_model; NotFound (404) for an unknown
+    one."""
+    return served_model(app[MODELS_KEY], name or app[SETTINGS_KEY].server.default_model)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.errors import FieldError, RequestInvalid
 from server.http import read_json
-from server.keys import MODELS_KEY, SETTINGS_KEY
-from server.models import ServedModel, served_model
+from server.keys import SETTINGS_KEY
+from server.models import ServedModel, request_model
 from server.valuation import MAX_VERSION
 from server.worker import TrainingWorker
 
@@ -86,8 +86,7 @@ def admin_actor(request: web.Request) -> str:
 def _model(request: web.Request) -> ServedModel:
     """The model the path names (`/v1/admin/models/{model}/...`), else the default model;
     404 naming an unknown one."""
-    name = request.match_info.get("model", request.app[SETTINGS_KEY].server.default_model)
-    return served_model(request.app[MODELS_KEY], name)
+    return request_model(request.app, request.match_info.get("model"))
 
 
 async def put_pin(request: web.Request) -> web.Response:

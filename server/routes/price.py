@@ -6,8 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.http import admit, canonical_response, deadline_s, limits, read_json
-from server.keys import MODELS_KEY, SETTINGS_KEY
-from server.models import served_model
+from server.models import request_model
 from server.valuation import PriceRequest, check_price_request, price_contracts
 
 
@@ -15,13 +14,12 @@ async def price(request: web.Request) -> web.Response:
     admit(request)
     deadline = deadline_s(request)
     req = await read_json(request, PriceRequest)
-    name = req.model or request.app[SETTINGS_KEY].server.default_model
-    served = served_model(request.app[MODELS_KEY], name)
+    served = request_model(request.app, req.model)
     spec = served.book_model
-    check_price_request(req, limits=limits(request), fields=spec.fields, model=name,
+    check_price_request(req, limits=limits(request), fields=spec.fields, model=spec.name,
                         process=spec.process)
     body = await price_contracts(req, model=served.service, fields=spec.fields,
-                                 greeks=spec.greeks, name=name, deadline_s=deadline)
+                                 greeks=spec.greeks, name=spec.name, deadline_s=deadline)
     return canonical_response(body)
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.http import canonical_response, read_json
-from server.keys import MODELS_KEY, SETTINGS_KEY
-from server.models import served_model
+from server.models import request_model
 from server.scenarios import ScenarioRequest
 
 
 async def scenarios(request: web.Request) -> web.Response:
     req = await read_json(request, ScenarioRequest)
-    name = req.model or request.app[SETTINGS_KEY].server.default_model
-    body = await served_model(request.app[MODELS_KEY], name).sampler.sample(req)
+    body = await request_model(request.app, req.model).sampler.sample(req)
     return canonical_response(body)
 
 

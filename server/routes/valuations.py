@@ -6,8 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.http import admit, canonical_response, deadline_s, limits, read_json
-from server.keys import MARKETDATA_KEY, METRICS_KEY, MODELS_KEY, SETTINGS_KEY
-from server.models import served_model
+from server.keys import MARKETDATA_KEY, METRICS_KEY
+from server.models import request_model
 from server.valuation import ValuationRequest, check_valuation_request, value_book
 
 
@@ -18,8 +18,7 @@ async def post_valuation(request: web.Request) -> web.Response:
         deadline = deadline_s(request)
         req = await read_json(request, ValuationRequest)
         check_valuation_request(req, limits=limits(request))
-        served = served_model(request.app[MODELS_KEY],
-                              req.model or request.app[SETTINGS_KEY].server.default_model)
+        served = request_model(request.app, req.model)
         body = await value_book(
             req,
             marketdata=request.app[MARKETDATA_KEY],
