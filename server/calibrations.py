@@ -19,7 +19,6 @@ put) and answers the same body.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Mapping
 from datetime import timedelta
@@ -29,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import FieldError, RequestInvalid
-from server.model import ModelService, Overloaded
+from server.model import ModelService, SerialGate
 from server.models import ServedModel, served_model
 from server.valuation import ModelName, Version
 from spectral_core.calibration import (
@@ -134,8 +133,7 @@ class Calibrator:
         self.models = models
         self.marketdata = marketdata
         self.max_points = max_points
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        self._gate = SerialGate("calibrations", max_waiting=_MAX_WAITING)
 
     async def _source(self, req: CalibrationRequest) -> StoredSnapshot:
         """The snapshot the key resolves to, past any calibration of this underlying and model
@@ -191,23 +189,16 @@ class Calibrator:
         self._check(req, served, pts)
         service: ModelService = served.service
         loaded, info = await service.resolve(req.model_version)
-        if self._waiting >= _MAX_WAITING:
-            raise Overloaded("queue_full", f"{self._waiting} calibrations are waiting",
-                             retry_after_s=1)
-        self._waiting += 1
         try:
-            async with self._lock:
-                fit = await asyncio.to_thread(
-                    calibrate, loaded.value, S0=pts["S0"], T=pts["T"], K=pts["K"], r=pts["r"],
-                    d=pts["d"], vol=pts["vol"], weights=req.weights,
-                    initial=dict(req.initial or {}), max_iterations=req.max_iterations)
+            fit = await self._gate.run(
+                calibrate, loaded.value, S0=pts["S0"], T=pts["T"], K=pts["K"], r=pts["r"],
+                d=pts["d"], vol=pts["vol"], weights=req.weights,
+                initial=dict(req.initial or {}), max_iterations=req.max_iterations)
         except SurfaceError as exc:
             field = "underlying" if exc.index is None else (
                 f"vol_surfaces.{req.underlying}.points.{exc.index}.{exc.field}")
             raise RequestInvalid([FieldError(field, str(exc))], "surface cannot be calibrated"
                                  ) from None
-        finally:
-            self._waiting -= 1
         version = CalibrationVersion(counter=info.counter, version_hash=info.version_hash)
         record = _record(req, served, version, pts, fit)
         if not fit.converged:

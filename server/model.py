@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -34,6 +35,7 @@ from storage.objectstore import Corrupt, NotFound, Unavailable
 from storage.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 
 class NoModel(Exception):
@@ -77,6 +79,29 @@ class Overloaded(Exception):
         super().__init__(detail)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+class SerialGate:
+    """Work that runs one at a time off the event loop (scenario sampling, calibration): a
+    caller that finds `max_waiting` others waiting is refused at once (Overloaded)."""
+
+    def __init__(self, what: str, *, max_waiting: int = 4) -> None:
+        self.what = what
+        self.max_waiting = max_waiting
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """`fn(*args, **kwargs)` on a worker thread once the gate is free."""
+        if self._waiting >= self.max_waiting:
+            raise Overloaded("queue_full", f"{self._waiting} {self.what} are waiting",
+                             retry_after_s=1)
+        self._waiting += 1
+        try:
+            async with self._lock:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+        finally:
+            self._waiting -= 1
 
 
 _Kind = tuple[bool, bool]  # (greeks, metrics): what a batch computes, and so what it costs

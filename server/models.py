@@ -152,10 +152,8 @@ def build_models(
                            promoter=_promoter(name, own, chain, model_metrics, service))
             if own.training.enabled else None
         )
-        process = own.core.process
         sampler = ScenarioSampler(service, max_samples=settings.server.max_scenario_samples,
-                                  fields=BookModel(name, process).fields, name=name,
-                                  process=process)
+                                  spec=BookModel(name, own.core.process))
         out[name] = ServedModel(name, own, chain, service, model_metrics, worker, sampler)
     return out
 

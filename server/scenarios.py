@@ -8,18 +8,23 @@ that finds more than `_MAX_WAITING` others waiting is refused with 503 + Retry-A
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import FieldError, RequestInvalid
-from server.model import ModelService, Overloaded
-from server.valuation import ModelName, ProcessParams, Version, domain_invalid, param_errors
-from spectral_core.pricer import CONTRACT_FIELDS, Contracts, DomainError
+from server.model import ModelService, SerialGate
+from server.valuation import (
+    BookModel,
+    ModelName,
+    ProcessParams,
+    Version,
+    domain_invalid,
+    param_errors,
+)
+from spectral_core.pricer import Contracts, DomainError
 from spectral_core.scenarios import sample_terminal
 from storage.marketdata import Finite, PositiveFinite
-from storage.prefixed import ROOT_MODEL
 
 _MAX_WAITING = 4
 MAX_SEED = 2**63 - 1
@@ -48,14 +53,11 @@ class ScenarioSampler:
     """Bounded, one-at-a-time sampling on a worker thread."""
 
     def __init__(self, model: ModelService, *, max_samples: int,
-                 fields: tuple[str, ...] = CONTRACT_FIELDS, name: str = ROOT_MODEL,
-                 process: str = "gbm") -> None:
+                 spec: BookModel | None = None) -> None:
         self.model = model
         self.max_samples = max_samples
-        self.fields = fields  # the model's contract fields (X0, K, ...)
-        self.name, self.process = name, process
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        self.spec = spec or BookModel()  # the model's name, process and contract fields
+        self._gate = SerialGate("scenario samplings", max_waiting=_MAX_WAITING)
 
     def check(self, req: ScenarioRequest) -> None:
         if req.n > self.max_samples:
@@ -64,32 +66,27 @@ class ScenarioSampler:
                                  "(server.max_scenario_samples)")],
                 "too many samples",
             )
-        errors = param_errors(req.contract, self.fields, path="contract", model=self.name,
-                              process=self.process)
+        spec = self.spec
+        errors = param_errors(req.contract, spec.fields, path="contract", model=spec.name,
+                              process=spec.process)
         if errors:
-            raise RequestInvalid(errors, f"the contract does not fit model {self.name!r}")
+            raise RequestInvalid(errors, f"the contract does not fit model {spec.name!r}")
 
     async def sample(self, req: ScenarioRequest) -> dict[str, Any]:
         self.check(req)
         c = req.contract
         # K is not used by S_T's law; the contract's own spot stands in for the domain check
-        contract = Contracts(**{f: [c.X0 if f == "K" else getattr(c, f)] for f in self.fields})
+        fields = self.spec.fields
+        contract = Contracts(**{f: [c.X0 if f == "K" else getattr(c, f)] for f in fields})
         loaded, info = await self.model.resolve(req.model_version)
-        if self._waiting >= _MAX_WAITING:
-            raise Overloaded("queue_full", f"{self._waiting} scenario samplings are waiting",
-                             retry_after_s=1)
-        self._waiting += 1
         try:
-            async with self._lock:
-                samples = await asyncio.to_thread(
-                    sample_terminal, loaded.value, contract, n=req.n, seed=req.seed)
+            samples = await self._gate.run(sample_terminal, loaded.value, contract, n=req.n,
+                                           seed=req.seed)
         except DomainError as exc:
             raise domain_invalid(exc, path=f"contract.{exc.field}") from None
-        finally:
-            self._waiting -= 1
-        inputs = {name: getattr(c, name) for name in self.fields if name != "K"}
+        inputs = {name: getattr(c, name) for name in fields if name != "K"}
         return {
-            "model": {"name": self.name, **info.as_json()},
+            "model": {"name": self.spec.name, **info.as_json()},
             "contract": inputs,
             "n": req.n,
             "seed": req.seed,

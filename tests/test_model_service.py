@@ -271,3 +271,20 @@ async def test_pricing_on_a_corrupt_explicit_version_is_unavailable() -> None:
             await service.price(c, version=2)
     finally:
         await service.aclose()
+
+
+async def test_the_serial_gate_runs_one_at_a_time_and_refuses_past_its_waiting_bound() -> None:
+    import threading
+
+    from server.model import Overloaded, SerialGate
+
+    gate = SerialGate("samplings", max_waiting=1)
+    release = threading.Event()
+    first = asyncio.create_task(gate.run(lambda: release.wait(10) and "done"))
+    await asyncio.sleep(0.05)  # the first holds the gate, waiting on its thread
+    with pytest.raises(Overloaded, match="1 samplings are waiting") as info:
+        await gate.run(lambda: "never")
+    assert info.value.reason == "queue_full" and info.value.retry_after_s == 1
+    release.set()
+    assert await first == "done"
+    assert await gate.run(lambda: 7) == 7  # free again
