@@ -91,7 +91,7 @@ def surface_points(view: MarketView, underlying: str) -> dict[str, np.ndarray]:
     for i, t in enumerate(surface.expiries):
         rate = view.zero_rate(t).value
         div = view.dividend_yield(underlying, t).value
-        forward = S0 * math.exp((rate - div) * t)
+        forward = view.forward(underlying, t).value  # inf, not an OverflowError, when far out
         for j, x in enumerate(surface.axis_values):
             T.append(t)
             K.append(x if surface.axis == "strikes" else forward * math.exp(x))

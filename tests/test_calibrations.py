@@ -245,3 +245,24 @@ async def test_end_to_end_oracle_surface_calibrate_then_value_against_the_oracle
         iv = np.array([r["implied_vol"] for r, s in zip(rows, sel, strict=True) if s])
         # to first order an implied-vol error is the price error over vega
         assert np.all(np.abs(iv - iv_oracle) <= 1.5 * tol / vega), kind
+
+
+async def test_a_log_moneyness_surface_is_fitted_at_strikes_off_the_forward(
+    aiohttp_client: Any, store: ObjectStore
+) -> None:
+    m = [-0.2, -0.1, 0.0, 0.1, 0.2]
+    T = np.repeat(EXPIRIES, len(m))
+    K = S0 * np.exp((R - D) * T) * np.exp(np.tile(m, len(EXPIRIES)))
+    n = T.size
+    params = {"T": T, "r": np.full(n, R), "d": np.full(n, D),
+              **{k: np.full(n, v) for k, v in TRUE.items()}}
+    puts = cos_oracle_put("heston", S0=np.full(n, S0), K=K, params=params)
+    vols, _ = implied_vol(puts, S0=S0, K=K, T=T, r=R, d=D, kind="put")
+    body = market(vol_surfaces={"SPX": {"expiries": EXPIRIES, "log_moneyness": m,
+                                        "vols": vols.reshape(len(EXPIRIES), len(m)).tolist()}})
+    client = await _client(aiohttp_client, store, body=body)
+    resp = await client.post("/v1/calibrations", json=request())
+    assert resp.status == 201, await resp.text()
+    points = (await resp.json())["calibration"]["points"]
+    assert [p["K"] for p in points] == pytest.approx(K.tolist(), rel=1e-12)
+    assert [p["market_vol"] for p in points] == pytest.approx(vols.tolist(), rel=1e-12)
