@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.sources import EnvSettingsSource
 
 from spectral_core.config import CoreConfig
-from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL
+from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL, is_model_name
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "SPECTRALMC_"
@@ -281,7 +281,7 @@ class Settings(BaseSettings):
                 f'core.process = "{self.core.process}"'
             )
         for name in self.models:
-            if not re.match(MODEL_NAME_PATTERN, name):
+            if not is_model_name(name):
                 raise ValueError(f"models.{name}: a model name must match {MODEL_NAME_PATTERN}")
             if name == ROOT_MODEL:
                 raise ValueError(f"models.{ROOT_MODEL}: {ROOT_MODEL!r} is [core] and [model]")

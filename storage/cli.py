@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import getpass
 import json
-import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +18,7 @@ from typing import Any, NoReturn
 
 from storage.chain import VersionChain, VersionRecord
 from storage.objectstore import Conflict, Corrupt, Invalid, NotFound, StoreError, Unavailable
-from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL, model_store
+from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL, is_model_name, model_store
 from storage.retry import RetryPolicy
 from storage.tensorboard import ScalarWriter, finite_scalars
 from storage.url import open_store
@@ -47,7 +46,7 @@ def _counter(text: str) -> int:
 
 
 def _model_name(text: str) -> str:
-    if not re.fullmatch(MODEL_NAME_PATTERN, text):
+    if not is_model_name(text):
         raise argparse.ArgumentTypeError(f"a model name must match {MODEL_NAME_PATTERN}")
     return text
 

@@ -60,9 +60,14 @@ def model_prefix(name: str) -> str:
     return f"models/{name}/"
 
 
+def is_model_name(name: str) -> bool:
+    """Whether `name` is a model name: MODEL_NAME_PATTERN, the whole string."""
+    return re.fullmatch(MODEL_NAME_PATTERN, name) is not None
+
+
 def model_store(store: ObjectStore, name: str) -> ObjectStore:
     """The part of `store` that holds model `name`'s chain: the store itself for ROOT_MODEL,
     models/<name>/ for any other. A name not matching MODEL_NAME_PATTERN raises Invalid."""
-    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+    if not is_model_name(name):
         raise Invalid(f"a model name must match {MODEL_NAME_PATTERN}, got {name!r}")
     return store if name == ROOT_MODEL else PrefixedStore(store, model_prefix(name))

@@ -56,6 +56,7 @@ async def store(tmp_path: Any) -> ObjectStore:
     ("toml", "message"),
     [
         ('[models."Bad Name".core]\nprocess = "heston"\n', "a model name must match"),
+        ('[models."heston\\n".core]\nprocess = "heston"\n', "a model name must match"),
         ('[models.bs.core]\nprocess = "gbm"\n', "'bs' is \\[core\\] and \\[model\\]"),
         ('[server]\ndefault_model = "sabr"\n', "default_model = 'sabr' names no model"),
         ('[models.heston.core]\nprocess = "sabr"\n', "models.heston.core.process"),
