@@ -31,6 +31,7 @@ from config.settings import (
     TrainingSettings,
 )
 from server.app import create_app
+from spectral_core.config import CoreConfig
 from spectral_core.snapshot import Snapshot
 from spectral_core.trainer import Trainer
 from storage.chain import VersionChain, VersionRecord
@@ -45,28 +46,30 @@ VDT = datetime(2024, 6, 28, 16, 0, tzinfo=UTC)
 SPEC_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 
 
-@functools.cache
-def trained_snapshots() -> tuple[tuple[Snapshot, dict[str, Any]], tuple[Snapshot, dict[str, Any]]]:
-    """(snapshot, metrics) after 60 and after 100 training steps of the tiny config."""
-    out = []
-    with Trainer(tiny_config()) as trainer:
-        for steps in (60, 40):
-            last = trainer.train(steps=steps)
-            assert last is not None
-            out.append((trainer.snapshot(), {"step": last.step, "loss": last.loss}))
-    return out[0], out[1]
+Trained = tuple[tuple[Snapshot, dict[str, Any]], ...]
 
 
-@functools.cache
-def trained_heston_snapshots() -> tuple[tuple[Snapshot, dict[str, Any]], ...]:
-    """(snapshot, metrics) of the tiny config on the Heston process after 30 and 40 steps."""
+def _train_snapshots(config: CoreConfig, chunks: tuple[int, ...]) -> Trained:
+    """(snapshot, metrics) after each chunk of training steps, one trainer throughout."""
     out = []
-    with Trainer(tiny_heston_config()) as trainer:
-        for steps in (30, 10):
+    with Trainer(config) as trainer:
+        for steps in chunks:
             last = trainer.train(steps=steps)
             assert last is not None
             out.append((trainer.snapshot(), {"step": last.step, "loss": last.loss}))
     return tuple(out)
+
+
+@functools.cache
+def trained_snapshots() -> Trained:
+    """(snapshot, metrics) after 60 and after 100 training steps of the tiny config."""
+    return _train_snapshots(tiny_config(), (60, 40))
+
+
+@functools.cache
+def trained_heston_snapshots() -> Trained:
+    """(snapshot, metrics) of the tiny config on the Heston process after 30 and 40 steps."""
+    return _train_snapshots(tiny_heston_config(), (30, 10))
 
 
 def model_chain(store: ObjectStore, model: str = ROOT_MODEL) -> VersionChain:
