@@ -39,6 +39,7 @@ from config.settings import (
 )
 from server.app import create_app
 from server.logging import configure_logging
+from server.valuation import BookModel
 from spectral_core.config import CoreConfig
 from spectral_core.trainer import Trainer
 from storage.chain import VersionChain
@@ -101,8 +102,6 @@ async def prepare_store(store_dir: Path, process: str) -> CoreConfig:
 
 
 def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
-    from spectral_core.processes import get_process
-
     body: dict[str, Any] = {
         "data_asof": asof.isoformat(),
         "spots": {"SPX": 100.0},
@@ -113,7 +112,7 @@ def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
                                           [0.26, 0.21, 0.2]]}},
     }
     if process != "gbm":
-        names = tuple(f for f in get_process(process).request_fields if f not in ("T", "r", "d"))
+        names = BookModel(MODEL, process).params  # what a valuation reads off model_params
         body["model_params"] = {"SPX": {MODEL: mid_params(config, names)}}
     return body
 
