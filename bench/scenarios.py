@@ -84,16 +84,13 @@ def mc_samples(cols: dict[str, np.ndarray], i: int, n: int, config: CoreConfig,
     """n fresh S_T from the training simulator (its scheme and step count): GBM's paths, or
     Heston's QE variance paths with x drawn from its conditional law given each path."""
     rng = np.random.default_rng([seed, i])
+    theta = np.array([[cols[k][i] for k in get_process(config.process).request_fields]])
+    z = rng.standard_normal((1, n, config.sim.timesteps))
     if config.process == "gbm":
-        theta = np.array([[cols["T"][i], cols["r"][i], cols["d"][i], cols["v"][i]]])
-        z = rng.standard_normal((1, n, config.sim.timesteps))
         x = simulate_log_returns(theta, z, scheme=config.sim.scheme,
                                  moment_matching=config.sim.moment_matching,
                                  cap_bytes=config.memory.paths_bytes)
         return cols["X0"][i] * np.exp(x[0])
-    names = get_process(config.process).request_fields
-    theta = np.array([[cols[k][i] for k in names]])
-    z = rng.standard_normal((1, n, config.sim.timesteps))
     ms2 = qe.simulate_heston_conditional(theta, z, cap_bytes=config.memory.paths_bytes,
                                          martingale_correction=config.sim.martingale_correction)
     x = qe.sample_log_returns(ms2, rng.standard_normal((1, n)),
@@ -112,7 +109,7 @@ async def run(args: argparse.Namespace, store_dir: Path) -> dict[str, Any]:
         model=ModelSettings(poll_interval_s=1.0),
         models=named,
     )
-    fields = [f for f in ("X0", *get_process(config.process).request_fields)]
+    fields = ("X0", *get_process(config.process).request_fields)
     cols = held_out_contracts(args.contracts, config.domain, seed=20261203)
     p_values: list[float] = []
     latencies: list[float] = []
