@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spectral_core.analytic import bs_call, bs_put
-from spectral_core.implied_vol import ABOVE_MAXIMUM, BELOW_INTRINSIC, implied_vol
+from spectral_core.implied_vol import ABOVE_MAXIMUM, BELOW_INTRINSIC, NO_SOLUTION, implied_vol
 
 
 @pytest.mark.parametrize("kind", ["put", "call"])
@@ -44,6 +44,16 @@ def test_a_price_at_the_upper_bound_has_no_vol_and_says_why() -> None:
         vol, reasons = implied_vol(np.array([cap]), S0=100.0, K=110.0, T=1.0, r=0.03, d=0.01,
                                    kind=kind)  # type: ignore[arg-type]
         assert np.isnan(vol[0]) and reasons == [ABOVE_MAXIMUM]
+
+
+def test_a_vol_is_never_zero() -> None:
+    # Far out of the money (F / K = 1e300) a subnormal put price lies within rounding of its
+    # intrinsic value 0, where the inversion can only answer 0: that is no vol, with a reason.
+    price = np.array([0.5, 1e-310])
+    vol, reasons = implied_vol(price, S0=1e300, K=1.0, T=1.0, r=0.0, d=0.0, kind="put")
+    assert vol[0] > 0 and reasons[0] is None
+    assert (vol[1] > 0 and reasons[1] is None) or (np.isnan(vol[1]) and reasons[1] == NO_SOLUTION)
+    assert not (vol == 0.0).any()
 
 
 def test_non_finite_prices_have_no_vol() -> None:
