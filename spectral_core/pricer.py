@@ -50,6 +50,18 @@ class DomainError(ValueError):
         )
 
 
+def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, inverse) of the distinct rows of x (B, P): x[first][inverse] == x, rows compared
+    bit for bit (0.0 and -0.0 are different rows, and so are two NaNs of different payloads);
+    `first` in ascending order of the rows' bytes."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be (B, P), got shape {x.shape}")
+    rows = np.ascontiguousarray(x)
+    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return first, inverse.ravel()
+
+
 def contract_fields(process: Process) -> tuple[str, ...]:
     """The contract columns `process` prices: X0, K and its request fields."""
     return ("X0", "K", *process.request_fields)
@@ -227,8 +239,13 @@ class Pricer:
         """(F if `spectrum`, put, digital call) through FastSpectralNet; F has a zero imaginary
         part, which no COS sum reads."""
         assert self._fast is not None
-        features = self.process.features(theta, self.config.domain)
-        re_f = self._fast.re_spectrum(features, reproducible=self.reproducible)  # (B, N)
+        # The network sees theta only (not S0 or K): a book's options on one expiry, or a
+        # scenario that moves only the spot, share a row, and the network runs once per
+        # distinct row. Rows are matched bit for bit and the float64 kernel is per row, so
+        # every price is the one the undeduplicated batch gives.
+        first, inverse = unique_rows(theta.numpy())
+        features = self.process.features(theta[torch.from_numpy(first)], self.config.domain)
+        re_f = self._fast.re_spectrum(features, reproducible=self.reproducible)[inverse]
         put, digital = cos_put_digital(re_f, a=a.numpy(), b=b.numpy(), S0=c.X0, K=c.K, r=c.r, T=c.T)
         re = torch.from_numpy(re_f)
         return (

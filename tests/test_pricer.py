@@ -10,7 +10,7 @@ import torch
 from spectral_core import analytic
 from spectral_core.config import CoreConfig
 from spectral_core.cvnn import ComplexModule, feature_bounds
-from spectral_core.pricer import Contracts, DomainError, Pricer
+from spectral_core.pricer import Contracts, DomainError, Pricer, unique_rows
 from spectral_core.spectrum import truncation_interval
 from spectral_core.trainer import Trainer
 from tests.core_fixtures import tiny_config
@@ -155,6 +155,34 @@ def test_reproducible_pricing_is_batch_invariant(trained_snapshot) -> None:  # t
         sub = pricer.price(part, greeks=True)
         for key in full:
             assert full[key][lo:hi].tobytes() == sub[key].tobytes(), (key, lo, hi)
+
+
+def test_unique_rows_matches_bit_for_bit() -> None:
+    x = np.array([[1.0, 2.0], [0.0, 2.0], [1.0, 2.0], [-0.0, 2.0], [0.0, 2.0]])
+    first, inverse = unique_rows(x)
+    assert x[first][inverse].tobytes() == x.tobytes()
+    assert len(first) == 3  # 0.0 and -0.0 are different rows
+    assert inverse[0] == inverse[2] and inverse[1] == inverse[4] != inverse[3]
+
+
+def test_rows_sharing_theta_price_as_they_do_alone(trained_snapshot) -> None:  # type: ignore[no-untyped-def]
+    # The network runs once per distinct theta (T, r, d, v): a batch of many strikes and spots
+    # on few thetas gives every row the bytes it has priced alone, -0.0 and 0.0 rates included.
+    pricer = Pricer.from_snapshot(trained_snapshot, reproducible=True)
+    base = contracts(4, seed=5)
+    pick = np.array([0, 1, 0, 2, 1, 0, 3, 3, 2, 0])
+    rng = np.random.default_rng(8)
+    r = base.r[pick].copy()
+    r[[0, 2]] = 0.0
+    r[5] = -0.0
+    c = Contracts(X0=rng.uniform(80, 120, 10), K=rng.uniform(70, 130, 10), T=base.T[pick], r=r,
+                  d=base.d[pick], v=base.v[pick])
+    together = pricer.price(c, metrics=True)
+    for i in range(10):
+        alone = pricer.price(Contracts(**{k: v[i:i + 1] for k, v in c.__dict__.items()}),
+                             metrics=True)
+        for key in together:
+            assert together[key][i:i + 1].tobytes() == alone[key].tobytes(), (key, i)
 
 
 def test_fast_and_reproducible_modes_agree(trained_snapshot) -> None:  # type: ignore[no-untyped-def]
