@@ -1,10 +1,13 @@
-"""Valuation of instrument books and direct contract pricing: requests, numbers, canonical bytes.
+"""Valuation of instrument books and direct contract pricing: requests, answers, canonical bytes.
 
 A valuation resolves its market-data key to exactly one snapshot, looks up every instrument's
-inputs in one call (`MarketView.book_quotes`: S0, T ACT/365, r, d, sigma, each with its source),
-prices the options on the model (`ModelService`, float64 on CPU, batch-invariant) and the
-forwards in closed form, and answers per instrument and in total, from (n,) columns. Answers
-are serialised canonically (`storage.documents`: sorted keys, no whitespace, shortest
+inputs in one call (`MarketView.book_quotes`: S0, T ACT/365, r, d, sigma, each with its source,
+and the same values as columns), prices the options on the model (`ModelService`, float64 on
+CPU, batch-invariant) and the forwards in closed form, and answers per instrument and in total.
+The numbers are array functions of spectral_core.valuation, one call per book: forwards, the
+strike bumps and slopes of digital greeks, scenario shifts (all scenarios in one batch),
+positions and totals; this module turns requests into columns and columns into answers.
+Answers are serialised canonically (`storage.documents`: sorted keys, no whitespace, shortest
 round-trip float64, non-finite numbers as null), so the same request against the same dataset
 and model version gives the same bytes.
 
@@ -35,6 +38,15 @@ from spectral_core.pricer import (
     greek_names,
 )
 from spectral_core.processes import get_process
+from spectral_core.valuation import (
+    DIGITAL_GREEK_BUMP,
+    exact_total,
+    forwards,
+    positions,
+    shift_columns,
+    strike_bumps,
+    strike_slopes,
+)
 from storage.marketdata import (
     BookQuotes,
     Finite,
@@ -54,9 +66,6 @@ from storage.prefixed import MODEL_NAME_PATTERN, ROOT_MODEL
 
 # A hard ceiling on free-form strings; settings.server.max_string_len narrows it per deployment.
 MAX_STRING_LEN = 1024
-# Relative strike bump for digital greeks by central difference of the vanilla greeks in K.
-DIGITAL_GREEK_BUMP = 1e-4
-
 InstrumentType = Literal["european_call", "european_put", "digital_call", "digital_put", "forward"]
 MODEL_TYPES: frozenset[str] = frozenset(
     {"european_call", "european_put", "digital_call", "digital_put"}
@@ -226,26 +235,6 @@ def number(x: float | np.floating[Any]) -> float | None:
     """A finite float64 as a Python float (repr round-trips), anything else as null."""
     f = float(x)
     return f if math.isfinite(f) else None
-
-
-def exp(x: float) -> float:
-    """math.exp that overflows to inf instead of raising (client-chosen curves and expiries)."""
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
-def total(xs: Sequence[float]) -> float:
-    """Exactly rounded sum (independent of order); NaN where it is not a finite number.
-
-    math.fsum raises on an intermediate overflow and on inf + -inf; the answer reports such a
-    total as null, like any other non-finite number.
-    """
-    try:
-        return math.fsum(xs)
-    except (OverflowError, ValueError):
-        return math.nan
 
 
 # --- request checks that need settings ----------------------------------------------------------
@@ -447,28 +436,30 @@ Floats = npt.NDArray[np.float64]
 
 @dataclass(frozen=True)
 class _Inputs:
-    """Every instrument's market inputs in book order, each with its source."""
+    """Every instrument's market inputs in book order, each with its source, and the same
+    values as pricer columns (`column`)."""
 
     T: list[float]
     T_source: list[str]
     quotes: BookQuotes
     # a non-GBM model's parameters (v0, kappa, ...) per instrument; None where it needs none
     params: Mapping[str, Sequence[Quote | None]] = field(default_factory=dict)
+    # the parameters as (n,) columns, NaN where an instrument needs none
+    param_columns: Mapping[str, Floats] = field(default_factory=dict)
+    K: Floats = field(default_factory=lambda: np.empty(0))
+    quantity: Floats = field(default_factory=lambda: np.empty(0))
 
     def column(self, name: str) -> Floats:
-        """One pricer input (X0, T, r, d, v or a model parameter) of every instrument (n,);
+        """One pricer input (X0, K, T, r, d, v or a model parameter) of every instrument (n,);
         NaN where the instrument has none (v without a vol, a forward's model parameters)."""
-        q = self.quotes
-        n = len(self.T)
         if name == "T":
             return np.asarray(self.T, dtype=np.float64)
-        if name in self.params:
-            return np.fromiter((math.nan if p is None else p.value for p in self.params[name]),
-                               np.float64, n)
-        if name == "v":
-            return np.fromiter((math.nan if s is None else s.value for s in q.vol), np.float64, n)
-        column = {"X0": q.spot, "r": q.zero_rate, "d": q.dividend_yield}[name]
-        return np.fromiter((s.value for s in column), np.float64, n)
+        if name == "K":
+            return self.K
+        if name in self.param_columns:
+            return self.param_columns[name]
+        key = {"X0": "spot", "r": "zero_rate", "d": "dividend_yield", "v": "vol"}[name]
+        return self.quotes.values[key]
 
     def source(self, i: int, name: str) -> str | None:
         """Where instrument i's input `name` (a reported name: S0, T, r, d, sigma) came from."""
@@ -546,32 +537,25 @@ def _market_inputs(
         ) from None
     vdt_text = format_utc(vdt)
     T_source = [f"ACT/365 from val_datetime {vdt_text} to expiry {x}" for x in expiries]
+    n = len(insts)
+    K = np.fromiter((inst.strike for inst in insts), np.float64, n)
+    quantity = np.fromiter((inst.quantity for inst in insts), np.float64, n)
     if gbm:
-        return _Inputs(T, T_source, quotes)
+        return _Inputs(T, T_source, quotes, K=K, quantity=quantity)
     underlyings = sorted({inst.underlying for inst, p in zip(insts, priced, strict=True) if p})
     by_underlying = {u: view.model_params(u, model.name, model.params) for u in underlyings}
-    params = {
-        name: [by_underlying[inst.underlying][name] if p else None
-               for inst, p in zip(insts, priced, strict=True)]
-        for name in model.params
-    }
-    return _Inputs(T, T_source, quotes, params)
-
-
-def _forward_unit(
-    S: float, T: float, r: float, d: float, K: float
-) -> tuple[float, dict[str, float]]:
-    """Closed form: discounted forward minus discounted strike, and its greeks (delta, theta,
-    rho; every other greek, gamma and the model's parameters, is 0).
-
-    math.exp per instrument on purpose: numpy's vectorised exp may differ from libm's in the
-    last ulp, and the answer's bytes must not change."""
-    df = exp(-r * T)
-    fwd = S * exp((r - d) * T)
-    price = df * fwd - df * K
-    carry = S * exp(-d * T)
-    # theta: -dPV/dT at fixed r and d, the pricer's convention
-    return price, {"delta": exp(-d * T), "theta": d * carry - r * K * df, "rho": T * K * df}
+    # each priced instrument's underlying as an index into `underlyings` (-1: a forward)
+    where = {u: j for j, u in enumerate(underlyings)}
+    owner = np.fromiter((where[inst.underlying] if p else -1
+                         for inst, p in zip(insts, priced, strict=True)), np.intp, n)
+    params: dict[str, list[Quote | None]] = {}
+    columns: dict[str, Floats] = {}
+    for name in model.params:
+        quotes_u = [by_underlying[u][name] for u in underlyings]
+        values_u = np.array([q.value for q in quotes_u] + [math.nan])  # [-1]: none
+        columns[name] = values_u[owner]
+        params[name] = [None if j < 0 else quotes_u[j] for j in owner.tolist()]
+    return _Inputs(T, T_source, quotes, params, columns, K=K, quantity=quantity)
 
 
 @dataclass(frozen=True)
@@ -600,12 +584,8 @@ def _model_rows(
     owner, strikes = main_of, K[main_of]
     if greeks:
         digital = np.flatnonzero((types == "digital_call") | (types == "digital_put"))
-        k = K[digital]
-        with np.errstate(over="ignore"):
-            h = DIGITAL_GREEK_BUMP * k
-            k_up, k_down = k + h, k - h
         # No slope where the bump vanishes (subnormal strike) or overflows: null greeks.
-        ok = np.isfinite(k_up) & (k_down > 0.0) & (k_down < k_up)
+        k_up, k_down, ok = strike_bumps(K[digital], bump=DIGITAL_GREEK_BUMP)
         bumped = digital[ok]
         first = m0 + 2 * np.arange(bumped.size)
         up[bumped], down[bumped] = first, first + 1
@@ -641,12 +621,11 @@ def _unit_columns(
     for t, kind, sign in (("digital_call", "call", -1.0), ("digital_put", "put", 1.0)):
         sel = np.flatnonzero((types == t) & (rows.up >= 0))
         up, down = rows.up[sel], rows.down[sel]
-        dK = K[up] - K[down]
-        # inf - inf is NaN, a null greek: IEEE arithmetic as Python floats do it, unwarned.
-        with np.errstate(invalid="ignore", over="ignore"):
-            for g in names:
-                v = values[f"{kind}_{g}"]
-                unit_greeks[g][sel] = sign * (v[up] - v[down]) / dK
+        slopes = strike_slopes({g: values[f"{kind}_{g}"][up] for g in names},
+                               {g: values[f"{kind}_{g}"][down] for g in names},
+                               k_up=K[up], k_down=K[down], sign=sign)
+        for g in names:
+            unit_greeks[g][sel] = slopes[g]
     return unit, unit_greeks
 
 
@@ -671,11 +650,10 @@ async def value_book(
         namespace=req.valuation_namespace, val_datetime=req.val_datetime, data_asof=req.data_asof
     )
     insts = req.instruments
-    n = len(insts)
     expiries = [format_utc(inst.expiry) for inst in insts]
     inputs = _market_inputs(req, stored.view(), expiries, spec)
     types = np.asarray([inst.type for inst in insts])  # (n,) str
-    K = np.fromiter((inst.strike for inst in insts), np.float64, n)
+    K = inputs.K
     rows = _model_rows(types, K, inputs, greeks=req.greeks, fields=spec.fields)
     values, info = await _price_rows(req, rows, inputs, model=model, deadline_s=deadline_s)
     unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks, names=spec.greeks)
@@ -706,16 +684,10 @@ async def value_book(
     }
 
 
-def _shifted(cols: Mapping[str, Floats], sc: Scenario) -> dict[str, Floats]:
-    """The model rows' inputs under scenario `sc` (only the fields the rows have)."""
-    out = dict(cols)
-    out["X0"] = cols["X0"] * (1.0 + sc.spot_rel)
-    out["r"] = cols["r"] + sc.rate_abs
-    if "v" in cols:
-        out["v"] = cols["v"] + sc.vol_abs
-    if "v0" in cols:
-        out["v0"] = cols["v0"] + sc.v0_abs
-    return out
+def _scenario_shifts(scenarios: Sequence[Scenario]) -> dict[str, Floats]:
+    """The scenarios' shifts as (S,) columns."""
+    return {f: np.fromiter((getattr(sc, f) for sc in scenarios), np.float64, len(scenarios))
+            for f in ("spot_rel", "rate_abs", "vol_abs", "v0_abs")}
 
 
 async def _revalue(
@@ -724,15 +696,15 @@ async def _revalue(
     deadline_s: float | None,
 ) -> list[dict[str, Any]]:
     """Every scenario's unit and position prices, total and P&L against the base, with all
-    scenarios' model rows priced in one batched pass (forwards in closed form)."""
+    scenarios' model rows priced in one batched pass (forwards in closed form, in one call)."""
     n, S = types.shape[0], len(req.scenarios)
     main_of = np.flatnonzero(rows.main >= 0)  # instruments the model prices, in row order
     m0 = main_of.size
-    base_cols = {f: getattr(rows.contracts, f)[:m0] for f in spec.fields}
-    shifted = [_shifted(base_cols, sc) for sc in req.scenarios]
+    shifts = _scenario_shifts(req.scenarios)
     unit = np.full((S, n), math.nan)
     if m0:
-        batch_cols = {f: np.concatenate([c[f] for c in shifted]) for f in spec.fields}
+        base_cols = {f: getattr(rows.contracts, f)[:m0] for f in spec.fields}
+        batch_cols = shift_columns(base_cols, **shifts)  # (S m0,) each, scenario-major
         try:
             priced = await model.price(
                 Contracts.from_columns(batch_cols, fields=tuple(spec.fields)),
@@ -743,33 +715,32 @@ async def _revalue(
             name = _INPUT_NAME.get(exc.field, exc.field)
             raise domain_invalid(exc, path=f"scenarios.{s_i}.instruments.{i}.{name}",
                                  source=f"scenario {req.scenarios[s_i].name!r}") from None
+        kinds = types[main_of]
         for t, key in _UNIT_PRICE_KEY.items():
-            sel = np.flatnonzero(types[main_of] == t)
-            for s_i in range(S):
-                unit[s_i, main_of[sel]] = priced.values[key][s_i * m0 + sel]
-    q = inputs.quotes
-    forwards = np.flatnonzero(rows.main < 0).tolist()
-    quantity = np.fromiter((inst.quantity for inst in req.instruments), np.float64, n)
-    base_total = total((quantity * base_unit).tolist())
+            sel = np.flatnonzero(kinds == t)
+            unit[:, main_of[sel]] = priced.values[key].reshape(S, m0)[:, sel]
+    fwd = np.flatnonzero(rows.main < 0)
+    if fwd.size:
+        cols = {name: inputs.column(name)[fwd] for name in ("X0", "T", "r", "d")}
+        moved = shift_columns(cols, **shifts)
+        price, _ = forwards(S=moved["X0"], T=moved["T"], r=moved["r"], d=moved["d"],
+                            K=np.tile(K[fwd], S))
+        unit[:, fwd] = price.reshape(S, fwd.size)
+    base_total = exact_total(positions(inputs.quantity, base_unit))
+    price = positions(inputs.quantity[None, :], unit)  # (S, n)
+    ids = [inst.id for inst in req.instruments]
     out = []
     for s_i, sc in enumerate(req.scenarios):
-        for i in forwards:
-            S0 = q.spot[i].value * (1.0 + sc.spot_rel)
-            r = q.zero_rate[i].value + sc.rate_abs
-            unit[s_i, i], _ = _forward_unit(S0, inputs.T[i], r, q.dividend_yield[i].value,
-                                            req.instruments[i].strike)
-        with np.errstate(over="ignore", invalid="ignore"):
-            price = quantity * unit[s_i]
-        scenario_total = total(price.tolist())
+        scenario_total = exact_total(price[s_i])
         out.append({
             "name": sc.name,
             "shifts": {"spot_rel": sc.spot_rel, "rate_abs": sc.rate_abs,
                        "vol_abs": sc.vol_abs, "v0_abs": sc.v0_abs},
             "total": number(scenario_total),
             "pnl": number(scenario_total - base_total),
-            "instruments": [{"id": inst.id, "unit_price": u, "price": p}
-                            for inst, u, p in zip(req.instruments, unit[s_i].tolist(),
-                                                  price.tolist(), strict=True)],
+            "instruments": [{"id": i, "unit_price": u, "price": p}
+                            for i, u, p in zip(ids, unit[s_i].tolist(), price[s_i].tolist(),
+                                               strict=True)],
         })
     return out
 
@@ -809,13 +780,15 @@ def _price_forwards(
     unit: Floats,
     unit_greeks: dict[str, Floats],
 ) -> None:
-    """Fill in the forwards' unit prices (and greeks), in closed form, one by one (math.exp)."""
-    q = inputs.quotes
-    for i in np.flatnonzero(rows.main < 0).tolist():
-        S, r, d = q.spot[i].value, q.zero_rate[i].value, q.dividend_yield[i].value
-        unit[i], forward_greeks = _forward_unit(S, inputs.T[i], r, d, req.instruments[i].strike)
-        for g, column in unit_greeks.items():  # empty without greeks
-            column[i] = forward_greeks.get(g, 0.0)
+    """Fill in the forwards' unit prices (and greeks: delta, theta, rho; every other one 0),
+    in closed form, all in one call."""
+    fwd = np.flatnonzero(rows.main < 0)
+    if not fwd.size:
+        return
+    c = {name: inputs.column(name)[fwd] for name in ("X0", "T", "r", "d", "K")}
+    unit[fwd], greeks = forwards(S=c["X0"], T=c["T"], r=c["r"], d=c["d"], K=c["K"])
+    for g, column in unit_greeks.items():  # empty without greeks
+        column[fwd] = greeks.get(g, 0.0)
 
 
 def _answers(
@@ -832,10 +805,8 @@ def _answers(
     """Each instrument's answer and the book's totals, from the (n,) columns."""
     insts = req.instruments
     n = len(insts)
-    quantity = np.fromiter((inst.quantity for inst in insts), np.float64, n)
-    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are null answers
-        price = quantity * unit
-        scaled = {g: quantity * unit_greeks[g] for g in unit_greeks}
+    price = positions(inputs.quantity, unit)
+    scaled = {g: positions(inputs.quantity, unit_greeks[g]) for g in unit_greeks}
     # Values stay floats (tolist): the canonical bytes write a non-finite one as null.
     out_rows: list[dict[str, Any]] = [
         {
@@ -856,12 +827,12 @@ def _answers(
         )
     ]
     # fsum is exactly rounded, so the totals do not depend on summation order.
-    totals: dict[str, Any] = {"price": number(total(price.tolist())), "instruments": n}
+    totals: dict[str, Any] = {"price": number(exact_total(price)), "instruments": n}
     if req.greeks:
         per_unit, per_position = _records(names, unit_greeks, n), _records(names, scaled, n)
         for row, ug, pg in zip(out_rows, per_unit, per_position, strict=True):
             row["unit_greeks"], row["greeks"] = ug, pg
-        totals["greeks"] = {g: number(total(scaled[g].tolist())) for g in names}
+        totals["greeks"] = {g: number(exact_total(scaled[g])) for g in names}
     if req.metrics:
         _attach_metrics(out_rows, rows, values, names)
     return out_rows, totals

@@ -23,7 +23,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from spectral_core import valuation as core
 from storage.objectstore import Conflict, Corrupt, NotFound, ObjectStore, Unavailable
 from storage.prefixed import MODEL_NAME_PATTERN
 
@@ -407,34 +408,12 @@ def interpolate_curve(
     rule: Literal["linear_rate", "linear_rt"],
     t: npt.ArrayLike,
 ) -> npt.NDArray[np.float64]:
-    """Rate at each t (years, >= 0): linear in r or in r*t between pillars, flat outside."""
-    tn = np.asarray(tenors, dtype=np.float64)  # (n,)
-    rn = np.asarray(rates, dtype=np.float64)  # (n,)
-    tq = _as_query(t, field="T", positive=False)  # (...)
-    # Flat extrapolation: clamp to the pillar range, so outside it the end rates apply.
-    tc = np.clip(tq, tn[0], tn[-1])
-    if rule == "linear_rate":
-        return np.interp(tc, tn, rn)
-    if rule == "linear_rt":
-        rt = np.interp(tc, tn, rn * tn)
-        # tc == 0 only when the first pillar is at 0; its rate is the limit there.
-        safe = np.where(tc > 0.0, tc, 1.0)
-        return np.where(tc > 0.0, rt / safe, rn[0])
-    raise MarketDataInvalid("interpolation", f"unknown rule {rule!r}")
-
-
-def _bracket(
-    grid: npt.NDArray[np.float64], q: npt.NDArray[np.float64]
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float64]]:
-    """Indices lo, hi and weight w of q (inside the grid) so q = (1-w) g[lo] + w g[hi]."""
-    n = grid.shape[0]
-    if n == 1:
-        zero = np.zeros(q.shape, dtype=np.intp)
-        return zero, zero, np.zeros(q.shape, dtype=np.float64)
-    lo = np.clip(np.searchsorted(grid, q, side="right") - 1, 0, n - 2)
-    hi = lo + 1
-    w = (q - grid[lo]) / (grid[hi] - grid[lo])
-    return lo, hi, w
+    """Rate at each t (years, >= 0): linear in r or in r*t between pillars, flat outside
+    (spectral_core.valuation.interpolate_curve on a checked query)."""
+    if rule not in ("linear_rate", "linear_rt"):
+        raise MarketDataInvalid("interpolation", f"unknown rule {rule!r}")
+    return core.interpolate_curve(tenors=tenors, rates=rates, rule=rule,
+                                  t=_as_query(t, field="T", positive=False))
 
 
 def interpolate_vol(
@@ -445,25 +424,13 @@ def interpolate_vol(
     t: npt.ArrayLike,
     x: npt.ArrayLike,
 ) -> npt.NDArray[np.float64]:
-    """Implied vol at (t, x): bilinear in (expiry, axis) on total variance sigma^2 t.
-
-    Outside the grid the vol is flat: the query is clamped to the grid's edges in both axes.
-    """
-    te = np.asarray(expiries, dtype=np.float64)  # (E,)
-    xa = np.asarray(axis, dtype=np.float64)  # (A,)
-    sv = np.asarray(vols, dtype=np.float64)  # (E, A)
-    tq, xq = np.broadcast_arrays(
-        _as_query(t, field="T", positive=True), np.asarray(x, dtype=np.float64)
-    )  # (...), (...)
+    """Implied vol at (t, x): bilinear in (expiry, axis) on total variance sigma^2 t, flat
+    outside the grid (spectral_core.valuation.interpolate_vol on a checked query)."""
+    tq = _as_query(t, field="T", positive=True)
+    xq = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(xq)):
         raise MarketDataInvalid("strike", f"must be finite, got {x!r}")
-    tc = np.clip(tq, te[0], te[-1])
-    xc = np.clip(xq, xa[0], xa[-1])
-    w = sv * sv * te[:, None]  # (E, A) total variance
-    i0, i1, a = _bracket(te, tc)
-    j0, j1, b = _bracket(xa, xc)
-    wq = (1 - a) * ((1 - b) * w[i0, j0] + b * w[i0, j1]) + a * ((1 - b) * w[i1, j0] + b * w[i1, j1])
-    return np.sqrt(wq / tc)
+    return core.interpolate_vol(expiries=expiries, axis=axis, vols=vols, t=tq, x=xq)
 
 
 # --- lookups for valuation ----------------------------------------------------------------------
@@ -489,6 +456,9 @@ class BookQuotes:
     zero_rate: tuple[Quote, ...]
     dividend_yield: tuple[Quote, ...]
     vol: tuple[Quote | None, ...]  # None where the instrument needs no vol
+    # the same values as (n,) float64 columns "spot", "zero_rate", "dividend_yield" and "vol"
+    # (NaN where an instrument needs no vol), for the valuation maths
+    values: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict, compare=False)
 
 
 class InstrumentQuoteError(Exception):
@@ -655,8 +625,8 @@ class MarketView:
 
         Equal, value and source, to the scalar lookups per instrument (`_instrument_quotes`), but
         the interpolation runs once per curve and surface over all the instruments that read it:
-        it is elementwise, so each float is the one the scalar call computes. ln(K/F) stays
-        math.log per instrument.
+        it is elementwise, so each float is the one the scalar call computes (ln(K/F) by
+        libm's log, as math.log takes it). The values come as columns too (`BookQuotes.values`).
 
         Errors: an instrument whose lookups might raise (a missing spot, curve or surface, a T or
         K out of range, an ln(K/F) that is not finite) is re-run on the scalar methods, in book
@@ -681,19 +651,22 @@ class MarketView:
         if ok.size:
             name = self._discount_curve_name()
             c = self.snapshot.zero_curves[name]
-            rates = interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=t[ok])
+            rates = core.interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation,
+                                           t=t[ok])
+            out.values["zero_rate"][ok] = rates
             for i, r in zip(ok.tolist(), rates.tolist(), strict=True):
                 out.zero_rate[i] = Quote(r, _curve_source("zero_curve", name, c, T[i]))
         for u, members in groups.items():
             g = np.asarray(members, dtype=np.intp)
-            left = self._group_quotes(u, g[~suspect[g]], T=T, K=K, t=t, want_vol=want_vol, out=out)
+            left = self._group_quotes(u, g[~suspect[g]], T=T, t=t, k=k, want_vol=want_vol,
+                                      out=out)
             suspect[left] = True
         for i in np.flatnonzero(suspect).tolist():
             try:
                 quotes = self._instrument_quotes(underlyings[i], T[i], K[i], bool(need_vol[i]))
             except (MarketDataNotFound, ArithmeticError, ValueError) as exc:
                 raise InstrumentQuoteError(i, exc) from exc
-            out.spot[i], out.zero_rate[i], out.dividend_yield[i], out.vol[i] = quotes
+            out.set(i, *quotes)
         return out.freeze(want_vol)
 
     def _instrument_quotes(
@@ -735,8 +708,8 @@ class MarketView:
         g: npt.NDArray[np.intp],
         *,
         T: Sequence[float],
-        K: Sequence[float],
         t: npt.NDArray[np.float64],
+        k: npt.NDArray[np.float64],
         want_vol: npt.NDArray[np.bool_],
         out: _BookColumns,
     ) -> list[int]:
@@ -749,7 +722,10 @@ class MarketView:
         snap = self.snapshot
         s = self.spot(underlying)
         c = snap.dividend_curves[underlying]
-        dividends = interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation, t=t[g])
+        dividends = core.interpolate_curve(tenors=c.tenors, rates=c.rates, rule=c.interpolation,
+                                           t=t[g])
+        out.values["spot"][g] = s.value
+        out.values["dividend_yield"][g] = dividends
         for i, d in zip(g.tolist(), dividends.tolist(), strict=True):
             out.spot[i] = s
             out.dividend_yield[i] = Quote(d, _curve_source("dividend_curve", underlying, c, T[i]))
@@ -758,31 +734,27 @@ class MarketView:
             return []
         surface = snap.vol_surfaces[underlying]
         forward_sources: list[str | None] = [None] * len(gv)
-        xs: list[float] = [K[i] for i in gv]
-        if surface.log_moneyness is not None:
-            for j, i in enumerate(gv):
-                r, q = out.zero_rate[i], out.dividend_yield[i]
-                assert r is not None and q is not None
-                try:
-                    xs[j] = _log_moneyness(K=K[i], S=s.value, r=r.value, q=q.value, T=T[i])
-                except (ArithmeticError, ValueError):
-                    xs[j] = math.nan  # the scalar re-run raises the real error
-                forward_sources[j] = _forward_source(s, r, q)
+        if surface.log_moneyness is None:
+            xs = k[gv]
+        else:
+            # ln(K/F) per instrument, libm's log as the scalar path takes it (same floats)
+            xs = core.log_moneyness(K=k[gv], S=s.value, r=out.values["zero_rate"][gv],
+                                    q=out.values["dividend_yield"][gv], T=t[gv])
+            forward_sources = [_forward_source(s, out.zero_rate[i], out.dividend_yield[i])
+                               for i in gv]
         # The scalar path raises on a non-finite ln(K/F): those instruments are re-run on it.
-        keep = [j for j, x in enumerate(xs) if math.isfinite(x)]
-        left = [gv[j] for j in range(len(gv)) if not math.isfinite(xs[j])]
-        gv, xs = [gv[j] for j in keep], [xs[j] for j in keep]
-        forward_sources = [forward_sources[j] for j in keep]
+        finite = np.isfinite(xs)
+        left = [i for i, f in zip(gv, finite.tolist(), strict=True) if not f]
+        if left:
+            keep = np.flatnonzero(finite)
+            gv, xs = [gv[j] for j in keep], xs[keep]
+            forward_sources = [forward_sources[j] for j in keep]
         if not gv:
             return left
-        vols = interpolate_vol(
-            expiries=surface.expiries,
-            axis=surface.axis_values,
-            vols=surface.vols,
-            t=t[gv],
-            x=np.asarray(xs, dtype=np.float64),
-        )
-        for i, x, fs, v in zip(gv, xs, forward_sources, vols.tolist(), strict=True):
+        vols = core.interpolate_vol(expiries=surface.expiries, axis=surface.axis_values,
+                                    vols=surface.vols, t=t[gv], x=xs)
+        out.values["vol"][gv] = vols
+        for i, x, fs, v in zip(gv, xs.tolist(), forward_sources, vols.tolist(), strict=True):
             out.vol[i] = Quote(v, _vol_source(underlying, surface, T=T[i], x=x, forward_source=fs))
         return left
 
@@ -835,6 +807,17 @@ class _BookColumns:
         self.zero_rate: list[Quote | None] = [None] * n
         self.dividend_yield: list[Quote | None] = [None] * n
         self.vol: list[Quote | None] = [None] * n
+        self.values = {name: np.full(n, math.nan)
+                       for name in ("spot", "zero_rate", "dividend_yield", "vol")}
+
+    def set(self, i: int, spot: Quote, zero_rate: Quote, dividend_yield: Quote,
+            vol: Quote | None) -> None:
+        """Instrument i's quotes from the scalar path, values included."""
+        self.spot[i], self.zero_rate[i], self.dividend_yield[i], self.vol[i] = (
+            spot, zero_rate, dividend_yield, vol)
+        for name, q in (("spot", spot), ("zero_rate", zero_rate),
+                        ("dividend_yield", dividend_yield), ("vol", vol)):
+            self.values[name][i] = math.nan if q is None else q.value
 
     def freeze(self, want_vol: npt.NDArray[np.bool_]) -> BookQuotes:
         def full(column: list[Quote | None]) -> tuple[Quote, ...]:
@@ -847,6 +830,7 @@ class _BookColumns:
             zero_rate=full(self.zero_rate),
             dividend_yield=full(self.dividend_yield),
             vol=tuple(self.vol),
+            values=self.values,
         )
 
 

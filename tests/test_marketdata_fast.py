@@ -71,6 +71,11 @@ def assert_same_as_scalar(view: MarketView, book: list[Instrument]) -> None:
             if g is not None and w is not None:
                 assert g.value == w.value, (i, inst, g, w)
                 assert g.source == w.source, (i, inst)
+        # the value columns hold the same floats bit for bit (NaN where no vol is read)
+        for name, quote in zip(("spot", "zero_rate", "dividend_yield", "vol"), row, strict=True):
+            column = got.values[name][i : i + 1]
+            want_value = np.array([np.nan if quote is None else quote.value])
+            assert column.tobytes() == want_value.tobytes(), (i, name)
 
 
 # --- random markets and books -------------------------------------------------------------------
