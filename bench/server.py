@@ -99,7 +99,12 @@ async def price(request):
 app = web.Application()
 app[SETTINGS_KEY] = Settings()
 app.router.add_post("/v1/price", price)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+loop = None
+if sys.argv[2] == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+            loop=loop)
 """
 
 
@@ -282,13 +287,13 @@ async def overload(
     return out
 
 
-def start_baseline(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_baseline(workdir: Path, event_loop: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     script = workdir / "baseline_app.py"
     script.write_text(BASELINE_APP)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port)], env=env,
+        [sys.executable, str(script), str(port), event_loop], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     return proc, f"http://127.0.0.1:{port}"
@@ -320,10 +325,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     single = price_body(1, args.seed)
     batch = price_body(1000, args.seed + 1)
     result: dict[str, Any] = {"bench": "server", "seconds": S, "connections": C,
-                              "batch_connections": CB, "gc_freeze": args.gc_freeze}
+                              "batch_connections": CB, "gc_freeze": args.gc_freeze,
+                              "event_loop": args.event_loop}
     errors = 0
 
-    proc, base_url = start_baseline(workdir)
+    proc, base_url = start_baseline(workdir, args.event_loop)
     try:
         asyncio.run(wait_http(base_url, single))
         baseline = run_wrk(f"{base_url}/v1/price", single, seconds=S, connections=C,
@@ -335,7 +341,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     # no [core] section: the served model is the default size
     template = SERVICE_TOML.replace(
-        "[server]\n", f"[server]\ngc_freeze = {str(args.gc_freeze).lower()}\n", 1)
+        "[server]\n", f"[server]\ngc_freeze = {str(args.gc_freeze).lower()}\n"
+                       f"event_loop = \"{args.event_loop}\"\n", 1)
     server = ServerProcess(workdir, commit_every_s=args.commit_every, template=template)
     server.start()
     try:
@@ -440,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=20261202)
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                    help="serve with [server] gc_freeze = false (default true, as the server)")
+    p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="uvloop",
+                   help="[server] event_loop of the service and the baseline (default uvloop, "
+                        "as the server)")
     args = p.parse_args(argv)
     if args.seconds < 1 or args.connections < 1 or args.batch_connections < 1:
         p.error("--seconds must be >= 1, --connections and --batch-connections >= 1")

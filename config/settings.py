@@ -59,6 +59,14 @@ class ServerSettings(_Group):
     # gc.freeze() once a model serves: full collections (~230 ms over the start-up heap) then
     # skip it; bench.server: every pricing p99 lower or equal (README, Operating notes)
     gc_freeze: bool = True
+    # The asyncio event loop `spectralmc serve` runs on: uvloop's (libuv) or the standard
+    # library's. bench.server --event-loop measures both (README, Operating notes).
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
+    # Edge admission (server/http.py): the bodies of the pricing requests being handled
+    # (/v1/price, /v1/valuations: parse, pricing, answer) are bounded in bytes; a request that
+    # would pass the bound is refused with 503 + Retry-After before its body is read, so an
+    # overload is shed at the cost of a header, not of a parse. A request alone is always let in.
+    max_inflight_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1 << 32)
     # The model a request that names none is priced by, and the admin routes without a model
     # act on: "bs" or a name under [models].
     default_model: str = Field(default="bs", pattern=MODEL_NAME_PATTERN)

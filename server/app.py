@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings, StoreSettings
 from server.calibrations import Calibrator
 from server.errors import ErrorRule, builtin_rules, error_middleware
+from server.http import EDGE_KEY, EdgeAdmission
 from server.jobs import build_scheduler, jobs_ctx
 from server.keys import (
     CALIBRATOR_KEY,
@@ -205,6 +206,7 @@ def create_app(
         ],
     )
     app[SETTINGS_KEY] = settings
+    app[EDGE_KEY] = EdgeAdmission(settings.server.max_inflight_body_bytes)
     app[CLOCK_KEY] = clock
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = metrics
@@ -241,8 +243,14 @@ def run_app(settings: Settings) -> None:
     """`spectralmc serve`: configure logging, serve until SIGINT/SIGTERM, then clean up."""
     configure_logging(settings.logging)
     app = create_app(settings)
+    loop = None
+    if settings.server.event_loop == "uvloop":
+        import uvloop  # the cli checks it is installed before it gets here
+
+        loop = uvloop.new_event_loop()
     web.run_app(
         app,
+        loop=loop,
         host=settings.server.host,
         port=settings.server.port,
         access_log=None,  # the request-context middleware writes the access log

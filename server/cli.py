@@ -7,6 +7,7 @@ composes all three. Usage errors exit 2 with a one-line message, never a traceba
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -172,6 +173,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(config_file=args.config)
     except (ValidationError, ValueError, OSError) as exc:
         raise UsageError(f"invalid settings: {exc}") from None
+    if settings.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise UsageError("server.event_loop = 'uvloop' needs the uvloop package (pip install "
+                         "uvloop), or set server.event_loop = 'asyncio'")
     run_app(settings)
     return 0
 

@@ -9,13 +9,16 @@ the client gets its precise 400. Answers are `storage.documents.canonical_bytes`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.errors import FieldError, MalformedBody, RequestInvalid
-from server.keys import MODEL_KEY, SETTINGS_KEY
+from server.keys import METRICS_KEY, MODEL_KEY, SETTINGS_KEY
+from server.model import Overloaded
 from server.valuation import Limits
 from storage.documents import canonical_bytes
 
@@ -55,9 +58,56 @@ def deadline_s(request: web.Request) -> float | None:
     return ms / 1e3
 
 
-def admit(request: web.Request) -> None:
-    """Refuse pricing work before its body is read when the pricing queue is already full."""
+class EdgeAdmission:
+    """Bytes of the pricing requests' bodies being handled, bounded: the event loop's share of
+    the work (parse, answer, serialisation) grows with them, and the pricing queue's bound
+    (`[model] max_inflight_bytes`) does not see it. A request that would pass the bound waits
+    nowhere: it is refused (503, Retry-After) before its body is read. One alone always enters,
+    so the largest body the server accepts can always be priced."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.inflight_bytes = 0
+        self.inflight_requests = 0
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        if self.inflight_requests and self.inflight_bytes + cost > self.max_bytes:
+            raise Overloaded(
+                "inflight_body",
+                f"{self.inflight_requests} pricing requests ({self.inflight_bytes} body bytes) in "
+                f"progress; this one ({cost} bytes) would pass the bound of {self.max_bytes} "
+                f"bytes ([server] max_inflight_body_bytes)",
+                retry_after_s=1,
+            )
+        self.inflight_bytes += cost
+        self.inflight_requests += 1
+        try:
+            yield
+        finally:
+            self.inflight_bytes -= cost
+            self.inflight_requests -= 1
+
+
+EDGE_KEY = web.AppKey("edge_admission", EdgeAdmission)
+
+
+@contextmanager
+def admitted(request: web.Request) -> Iterator[None]:
+    """Hold a pricing request's place while it is handled; refused before its body is read
+    (Overloaded: 503 + Retry-After) when the pricing queue is already full or the bodies in
+    progress would pass `[server] max_inflight_body_bytes`. A body of unknown length (chunked)
+    counts as the largest the server accepts."""
     request.app[MODEL_KEY].check_admission()
+    length = request.content_length
+    cost = length if length is not None else request.app[SETTINGS_KEY].server.max_body_bytes
+    try:
+        with request.app[EDGE_KEY].hold(cost):
+            yield
+    except Overloaded as exc:
+        if exc.reason == "inflight_body":
+            request.app[METRICS_KEY].http_rejections.labels(reason=exc.reason).inc()
+        raise
 
 
 def canonical_response(body: Any) -> web.Response:

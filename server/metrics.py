@@ -35,6 +35,13 @@ class Metrics:
             registry=registry,
             buckets=_LATENCY_BUCKETS,
         )
+        self.http_rejections = Counter(
+            "http_rejections",
+            "Requests refused with 503 at the HTTP edge before their body was read, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
         self.valuations = Counter(
             "valuations",
             "Valuation requests answered",

@@ -246,3 +246,58 @@ async def test_a_deadline_header_within_range_is_honoured(client: Client) -> Non
         "/v1/price", json={"contracts": CONTRACTS}, headers={"X-Deadline-Ms": "2500"}
     )
     assert resp.status == 200, await resp.text()
+
+
+async def test_the_edge_refuses_before_reading_the_body_when_bodies_in_progress_pass_the_bound(
+    client: Client,
+) -> None:
+    """With a request in progress, one whose body would pass [server] max_inflight_body_bytes
+    is refused at once: 503, Retry-After, reason inflight_body, counted; its body is never
+    read (a malformed one gets the 503, not a 400). The bytes are released when answered."""
+    import asyncio
+
+    from server.http import EDGE_KEY
+    from server.keys import MODEL_KEY
+    from tests.test_model_service import drain, hold_pricing_thread
+
+    app = client.server.app
+    assert app is not None
+    edge, service = app[EDGE_KEY], app[MODEL_KEY]
+    release = hold_pricing_thread(service)
+    first_body = json.dumps({"contracts": CONTRACTS}).encode()
+    first = asyncio.ensure_future(client.post("/v1/price", data=first_body,
+                                              headers={"Content-Type": "application/json"}))
+    for _ in range(100):
+        if service.inflight_rows:
+            break
+        await asyncio.sleep(0.01)
+    assert edge.inflight_requests == 1 and edge.inflight_bytes == len(first_body)
+    edge.max_bytes = len(first_body) + 10  # room for 10 more bytes only
+    resp = await client.post("/v1/valuations", data=b"{not json, and not read" + b" " * 20,
+                             headers={"Content-Type": "application/json"})
+    body = loads(await resp.read())
+    assert resp.status == 503, body
+    assert resp.headers["X-Overload-Reason"] == "inflight_body"
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert "max_inflight_body_bytes" in body["detail"]
+    await drain(service, release)
+    assert (await first).status == 200
+    assert edge.inflight_requests == 0 and edge.inflight_bytes == 0
+    text = await (await client.get("/metrics")).text()
+    assert 'spectralmc_http_rejections_total{reason="inflight_body"} 1.0' in text
+    # alone, a body larger than the bound is admitted (the largest accepted body can be priced)
+    edge.max_bytes = 64
+    assert (await client.post("/v1/price", json={"contracts": CONTRACTS})).status == 200
+
+
+def test_edge_admission_releases_on_errors() -> None:
+    from server.http import EdgeAdmission
+    from server.model import Overloaded
+
+    edge = EdgeAdmission(100)
+    with pytest.raises(ZeroDivisionError), edge.hold(80):
+        assert edge.inflight_bytes == 80
+        with pytest.raises(Overloaded), edge.hold(30):
+            pass  # pragma: no cover - refused before the body runs
+        1 / 0  # noqa: B018
+    assert edge.inflight_bytes == 0 and edge.inflight_requests == 0

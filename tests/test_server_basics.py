@@ -447,3 +447,20 @@ async def test_app_opens_its_store_from_the_settings_url(
     assert (await client.put(URL, json=snapshot_body(NOW))).status == 201
     assert (await client.get(URL)).status == 200
     assert any((tmp_path / "store").rglob("index.json"))
+
+
+def test_serve_on_uvloop_without_the_package_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`spectralmc serve` checks the configured event loop is installed: exit 2 with a message
+    naming the setting, before it binds a port."""
+    import importlib.util
+
+    from server import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvloop" else real(name, *a))
+    monkeypatch.setenv("SPECTRALMC_SERVER__EVENT_LOOP", "uvloop")
+    assert cli.main(["serve"]) == 2
+    assert "server.event_loop = 'uvloop' needs the uvloop package" in capfd.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.http import admit, canonical_response, deadline_s, limits, read_json
+from server.http import admitted, canonical_response, deadline_s, limits, read_json
 from server.keys import MARKETDATA_KEY, METRICS_KEY
 from server.models import request_model
 from server.valuation import ValuationRequest, check_valuation_request, value_book
@@ -14,23 +14,24 @@ from server.valuation import ValuationRequest, check_valuation_request, value_bo
 async def post_valuation(request: web.Request) -> web.Response:
     counter = request.app[METRICS_KEY].valuations
     try:
-        admit(request)
-        deadline = deadline_s(request)
-        req = await read_json(request, ValuationRequest)
-        check_valuation_request(req, limits=limits(request))
-        served = request_model(request.app, req.model)
-        body = await value_book(
-            req,
-            marketdata=request.app[MARKETDATA_KEY],
-            model=served.service,
-            book_model=served.book_model,
-            deadline_s=deadline,
-        )
+        with admitted(request):
+            deadline = deadline_s(request)
+            req = await read_json(request, ValuationRequest)
+            check_valuation_request(req, limits=limits(request))
+            served = request_model(request.app, req.model)
+            body = await value_book(
+                req,
+                marketdata=request.app[MARKETDATA_KEY],
+                model=served.service,
+                book_model=served.book_model,
+                deadline_s=deadline,
+            )
+            response = canonical_response(body)
     except Exception:
         counter.labels(result="error").inc()
         raise
     counter.labels(result="ok").inc()
-    return canonical_response(body)
+    return response
 
 
 def setup_routes(app: web.Application) -> None:
