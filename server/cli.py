@@ -53,6 +53,31 @@ def _load_core_config(path: str | None, device: str | None, process: str | None 
         raise UsageError(f"invalid config: {loc}: {first['msg']}") from None
 
 
+def _train_config(path: str | None, model: str | None, device: str | None) -> Any:
+    """The core config `spectralmc train` trains: read through the service's settings loader
+    (config/default.toml, then `path`, then SPECTRALMC_* variables), so it is exactly what
+    `spectralmc serve` with the same file and environment trains: the top-level [core] (model
+    bs), or [models.<model>.core]. `--device` overrides that config's device, the one device
+    setting."""
+    from config.settings import SettingsError, load_settings
+    from storage.prefixed import ROOT_MODEL
+
+    try:
+        settings = load_settings(config_file=path)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    if model is None or model == ROOT_MODEL:
+        core = settings.core
+    elif model in settings.models:
+        core = settings.models[model].core
+    else:
+        known = ", ".join([ROOT_MODEL, *sorted(settings.models)])
+        raise UsageError(f"--model {model!r} is not a model of the settings (models: {known})")
+    return core if device is None else core.model_copy(update={"device": device})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -67,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.steps is not None and args.steps <= 0
     ):
         raise UsageError("--seconds and --steps must be positive")
-    config = _load_core_config(args.config, args.device)
+    config = _train_config(args.config, args.model, args.device)
     try:
         trainer = Trainer(config)
     except (DeviceError, MemoryCapError) as exc:
@@ -189,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--device", choices=["cpu", "cuda", "auto"], help="overrides the config's device"
     )
-    t.add_argument("--config", help="core config as TOML (a [core] table or top level) or JSON")
+    t.add_argument("--config", help="settings TOML, as `spectralmc serve --config` reads it "
+                                    "(over config/default.toml and SPECTRALMC_* variables)")
+    t.add_argument("--model", help="train [models.MODEL.core] of the settings (default: the "
+                                   "top-level [core], model bs)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     u = sub.add_parser(
