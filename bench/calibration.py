@@ -33,12 +33,25 @@ in `failures`). oracle_price_err_bp: mean |oracle price at our fitted parameters
 price| over all points, bp of spot: how good the parameters are, priced exactly.
 quantlib_rmse_volbp_mean: the same rmse for QuantLib's fit, its own engine's prices.
 speedup_vs_quantlib: quantlib_p50_ms / p50_ms.
+
+Service path (`service_*`). The same parameter sets, as market data: each surface is written as
+a snapshot (spot 100, flat zero and dividend curves at its r and d, a vol surface on a common
+log-moneyness axis: the 8 expiries x 11 values ln(K/F) = m sigma_atm(T_AXIS) sqrt(T_AXIS),
+m in -STD_RANGE..STD_RANGE, vols from the exact oracle), and calibrated by `POST /v1/calibrations`
+on the app (the checkpoint served as named model "heston", local store, over loopback HTTP):
+the request resolves the snapshot, reads the surface, fits in the service's calibrator and
+writes the derived snapshot (a fit that does not converge answers 422 with its diagnostics and
+is counted in service_not_converged). service_p50_ms/p99_ms are client-side times per request
+after one untimed request; service_inprocess_p50_ms is `calibrate()` alone on the same points,
+so their difference is what the service adds; service_rmse_volbp_mean is the fits' rmse.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +68,11 @@ from spectral_core.calibration import CalibrationResult, calibrate
 from spectral_core.implied_vol import Kind, implied_vol
 from spectral_core.pricer import Pricer
 from storage.checkpoint import decode_checkpoint, sha256_hex
+
+MODEL = "heston"
+# The service path's common log-moneyness axis spans +-STD_RANGE sd at this expiry (years):
+# +-2.4 sd at the first expiry, +-0.6 sd at the last.
+T_AXIS = 0.25
 
 NAMES = ("v0", "kappa", "theta_v", "xi", "rho")
 EXPIRY_DAYS = (36, 72, 126, 180, 252, 324, 432, 504)  # Actual/360: T = 0.1 .. 1.4
@@ -178,6 +196,121 @@ def quantlib_fit(surface: Surface, start: dict[str, float]) -> tuple[dict[str, f
     return fitted, float(np.sqrt(np.nanmean(err**2)))
 
 
+def grid_surface(surface: Surface) -> dict[str, Any]:
+    """`surface`'s parameters on a common log-moneyness axis (the service-path docstring):
+    {"expiries", "log_moneyness", "vols" (8, 11)} of the exact oracle, and its points."""
+    true = surface.true
+    T = np.array(EXPIRY_DAYS) / 360.0
+    r, d = true["r"], true["d"]
+    ref = np.array([T_AXIS])
+    f_ref = S0 * np.exp((r - d) * ref)
+    atm = float(_implied(_oracle_otm(true, ref, f_ref), ref, f_ref, r, d)[0])
+    x = np.linspace(-STD_RANGE, STD_RANGE, STRIKES) * atm * math.sqrt(T_AXIS)
+    TT = np.repeat(T, STRIKES)
+    K = (S0 * np.exp((r - d) * T)[:, None] * np.exp(x)[None, :]).ravel()
+    vol = _implied(_oracle_otm(true, TT, K), TT, K, r, d)
+    n = TT.shape[0]
+    points = {"S0": S0, "T": TT, "K": K, "r": np.full(n, r), "d": np.full(n, d), "vol": vol}
+    return {"expiries": T.tolist(), "log_moneyness": x.tolist(),
+            "vols": vol.reshape(len(T), STRIKES).tolist(), "points": points}
+
+
+async def service_path(data: bytes, surfaces: list[Surface]) -> dict[str, Any]:
+    """POST /v1/calibrations per surface on the app serving the checkpoint (docstring)."""
+    from datetime import UTC, datetime, timedelta
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from config.settings import (
+        LoggingSettings,
+        ModelSettings,
+        NamedModelSettings,
+        ServerSettings,
+        Settings,
+        StoreSettings,
+        TrainingSettings,
+    )
+    from server.app import create_app
+    from server.logging import configure_logging
+    from spectral_core.config import CoreConfig
+    from storage.chain import VersionChain
+    from storage.localstore import LocalStore
+    from storage.prefixed import model_store
+    from storage.promotion import SERVING_REF
+
+    configure_logging(LoggingSettings(level="WARNING", format="json"))
+    snapshot = decode_checkpoint(data, expected_sha256=sha256_hex(data))
+    config = CoreConfig.model_validate(snapshot.meta["config"])
+    grids = [grid_surface(s) for s in surfaces]
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = Path(tmp) / "store"
+        chain = VersionChain(model_store(LocalStore(store_dir), MODEL))
+        record = await chain.commit(snapshot, message="bench.calibration")
+        await chain.set_ref(SERVING_REF, record.counter, actor="bench", action="promote")
+        settings = Settings(
+            server=ServerSettings(request_timeout_s=600.0),
+            store=StoreSettings(url=f"file://{store_dir}"),
+            training=TrainingSettings(enabled=False),
+            model=ModelSettings(poll_interval_s=1.0),
+            models={MODEL: NamedModelSettings(core=config, training=False)},
+        )
+        server = TestServer(create_app(settings), host="127.0.0.1")
+        await server.start_server()
+        vdt = "2026-06-30T16:00:00Z"
+        asof = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+        times, rmse, converged = [], [], []
+        try:
+            async with aiohttp.ClientSession() as session:
+                while True:  # the model loads in the background
+                    async with session.get(server.make_url(f"/v1/models/{MODEL}")) as resp:
+                        if (await resp.json())["live"] is not None:
+                            break
+                    await asyncio.sleep(0.5)
+                for i, (s, g) in enumerate(zip(surfaces, grids, strict=True)):
+                    r, d = s.true["r"], s.true["d"]
+                    doc = {"data_asof": asof, "spots": {"SPX": S0},
+                           "zero_curves": {"OIS": {"tenors": [1.0], "rates": [r]}},
+                           "dividend_curves": {"SPX": {"tenors": [1.0], "rates": [d]}},
+                           "vol_surfaces": {"SPX": {k: g[k] for k in
+                                                    ("expiries", "log_moneyness", "vols")}}}
+                    async with session.put(server.make_url(f"/v1/marketdata/s{i}/{vdt}"),
+                                           json=doc) as resp:
+                        assert resp.status == 201, await resp.text()
+                body = {"val_datetime": vdt, "data_asof": datetime.now(UTC).isoformat(),
+                        "underlying": "SPX", "model": MODEL}
+                for i in [0, *range(len(surfaces))]:  # the first untimed
+                    start = time.perf_counter()
+                    async with session.post(server.make_url("/v1/calibrations"),
+                                            json={**body, "valuation_namespace": f"s{i}"}
+                                            ) as resp:
+                        answer = await resp.json()
+                    times.append((time.perf_counter() - start) * 1e3)
+                    # 201 a new fit stored (200 the same fit again); 422 a fit that did not
+                    # converge, with its diagnostics
+                    record = answer.get("calibration")
+                    if resp.status not in (200, 201, 422) or record is None:
+                        raise RuntimeError(f"calibration of s{i}: {resp.status} "
+                                           f"{str(answer)[:300]}")
+                    rmse.append(record["rmse_volbp"])
+                    converged.append(resp.status != 422)
+        finally:
+            await server.close()
+    pricer = Pricer.from_snapshot(snapshot, process="heston")
+    fit_surface(pricer, grids[0]["points"])  # untimed
+    inproc = [_timed(lambda g=g: fit_surface(pricer, g["points"]))[1] * 1e3 for g in grids]
+    times, rmse, converged = times[1:], rmse[1:], converged[1:]
+    return {
+        "service_p50_ms": float(np.median(times)),
+        "service_p99_ms": float(np.quantile(times, 0.99)),
+        "service_inprocess_p50_ms": float(np.median(inproc)),
+        "service_rmse_volbp_mean": float(np.mean([x for x, ok in zip(rmse, converged,
+                                                                     strict=True)
+                                                  if ok and x is not None])),
+        "service_not_converged": sum(not ok for ok in converged),
+    }
+
+
 def _timed(run: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     out = run()
@@ -208,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         ql_ms.append(seconds * 1e3)
         ql_rmse.append(rmse)
     p50, ql_p50 = float(np.median(ours_ms)), float(np.median(ql_ms))
+    service = asyncio.run(service_path(args.checkpoint.read_bytes(), surfaces))
     emit({
         "bench": "calibration",
         "surfaces": len(surfaces),
@@ -219,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         "quantlib_rmse_volbp_mean": float(np.mean(ql_rmse)),
         "speedup_vs_quantlib": ql_p50 / p50,
         "market_like_rmse_volbp": ours[-1].rmse_volbp,
+        **service,
         "nfev_mean": float(np.mean([f.nfev for f in ours])),
         "njev_mean": float(np.mean([f.njev for f in ours])),
         "not_converged": sum(not f.converged for f in ours),
