@@ -1,7 +1,7 @@
 """Continuous learning: the served model keeps getting better, and only better models are served.
 
 python -m bench.continuous --model bs|heston|bates --minutes MIN [--interval-s S]
-    [--commit-every-s S] [--ready-timeout-s S] [--workdir DIR]
+    [--commit-every-s S] [--ready-timeout-s S] [--averaging none|ema] [--workdir DIR]
 -> {"bench":"continuous","model":..,"minutes":MIN,"ready_s":..,"served_mean_bp":{"5":..,..},
     "served_p99_bp":{..},"promotions":..,"refused":..,"monotone":true|false,"store_mb":..,
     "per_minute":[{"minute":..,"version":..,"mean_bp":..,"p99_bp":..},..],"machine":..}
@@ -11,7 +11,9 @@ Set-up. `spectralmc serve` runs as a subprocess on a fresh local store (in a tem
 [core] config (the real model: only [server], [store], [training], [training.commit], [model] and
 [logging] are set, plus `[core] process` for heston and bates), committing every
 `--commit-every-s` (60) seconds (after the server's default ramp: first_after_s, then doubling)
-and polling for new versions every second. `--model bs` is the gbm process.
+and polling for new versions every second. `--model bs` is the gbm process. `--averaging ema` sets
+`[core.optim] averaging = "ema"` (iterate averaging from the end of the first anneal, served and
+assessed on the average; default none, the production default).
 
 Method. `ready_s`: seconds from the process start until `POST /v1/price` first answers 200 (polled
 every 0.25 s; a 503, no model yet, or a refused connection is "not ready"). From then on, at
@@ -98,6 +100,7 @@ class ContinuousOptions:
     ready_timeout_s: float = 900.0
     stop_timeout_s: float = 120.0
     progress: bool = True
+    averaging: str = "none"  # [core.optim] averaging
 
 
 @dataclass(frozen=True)
@@ -276,11 +279,15 @@ async def measure(
 # --- the run ----------------------------------------------------------------------------------
 
 
-def service_toml(process_name: str) -> str:
-    """SERVICE_TOML, plus the process for heston and bates (the rest of [core] stays default)."""
-    if process_name == "gbm":
-        return SERVICE_TOML
-    return SERVICE_TOML + f'\n[core]\nprocess = "{process_name}"\n'
+def service_toml(process_name: str, averaging: str = "none") -> str:
+    """SERVICE_TOML, plus the process for heston and bates and the averaging when not "none"
+    (the rest of [core] stays default)."""
+    out = SERVICE_TOML
+    if process_name != "gbm":
+        out += f'\n[core]\nprocess = "{process_name}"\n'
+    if averaging != "none":
+        out += f'\n[core.optim]\naveraging = "{averaging}"\n'
+    return out
 
 
 async def first_price_s(
@@ -346,6 +353,7 @@ def summarise(
     return {
         "bench": "continuous",
         "model": options.model,
+        "averaging": options.averaging,
         "minutes": options.minutes,
         "ready_s": round(ready_s, 2),
         "served_mean_bp": mean_at,
@@ -370,7 +378,7 @@ async def continuous(options: ContinuousOptions, workdir: Path | None = None) ->
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="continuous-")))
         workdir.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(workdir, commit_every_s=options.commit_every_s,
-                               template=service_toml(process_name))
+                               template=service_toml(process_name, options.averaging))
         timeout = aiohttp.ClientTimeout(total=ServerSettings().request_timeout_s + 30.0)
         started = time.monotonic()
         server.start(new_session=True)
@@ -400,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit-every-s", type=float, default=60.0, help="training commit period")
     p.add_argument("--ready-timeout-s", type=float, default=900.0,
                    help="longest wait for the first priced answer")
+    p.add_argument("--averaging", choices=["none", "ema"], default="none",
+                   help="[core.optim] averaging of the served model (default none)")
     p.add_argument("--workdir", type=Path,
                    help="keep the store, settings and server log here (default: a temp dir)")
     args = p.parse_args(argv)
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.workdir} already holds a store; the bench starts from a fresh one")
     options = ContinuousOptions(model=args.model, minutes=args.minutes,
                                 interval_s=args.interval_s, commit_every_s=args.commit_every_s,
-                                ready_timeout_s=args.ready_timeout_s)
+                                ready_timeout_s=args.ready_timeout_s, averaging=args.averaging)
     try:
         result = asyncio.run(continuous(options, args.workdir))
     except ServerExited as exc:

@@ -165,6 +165,23 @@ def test_unique_rows_matches_bit_for_bit() -> None:
     assert inverse[0] == inverse[2] and inverse[1] == inverse[4] != inverse[3]
 
 
+def test_unique_rows_survives_a_hash_collision() -> None:
+    # Two different rows built to share the row hash: the word-for-word check must catch it
+    # and the exact sort keep them apart.
+    from spectral_core.pricer import _ROW_HASH
+
+    m0, m1 = (int(v) for v in _ROW_HASH[:2])
+    mod = 1 << 64
+    w = np.array([[1, 2], [2, (2 - m0 * pow(m1, -1, mod)) % mod], [1, 2]], dtype=np.uint64)
+    x = w.view(np.float64)
+    with np.errstate(over="ignore"):
+        h = (w * _ROW_HASH[:2]).sum(axis=1, dtype=np.uint64)
+    assert h[0] == h[1]  # the collision is real
+    first, inverse = unique_rows(x)
+    assert len(first) == 2 and x[first][inverse].tobytes() == x.tobytes()
+    assert inverse[0] == inverse[2] != inverse[1]
+
+
 def test_rows_sharing_theta_price_as_they_do_alone(trained_snapshot) -> None:  # type: ignore[no-untyped-def]
     # The network runs once per distinct theta (T, r, d, v): a batch of many strikes and spots
     # on few thetas gives every row the bytes it has priced alone, -0.0 and 0.0 rates included.
