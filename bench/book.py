@@ -23,29 +23,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
-from aiohttp.test_utils import TestServer
 
+from bench.app import serve_snapshot
 from bench.common import emit, machine
-from config.settings import (
-    LoggingSettings,
-    ModelSettings,
-    NamedModelSettings,
-    ServerSettings,
-    Settings,
-    StoreSettings,
-    TrainingSettings,
-)
-from server.app import create_app
+from config.settings import LoggingSettings, ServerSettings
 from server.logging import configure_logging
 from server.valuation import BookModel
 from spectral_core.config import CoreConfig
 from spectral_core.trainer import Trainer
-from storage.chain import VersionChain
-from storage.localstore import LocalStore
-from storage.prefixed import model_prefix, model_store
-from storage.promotion import SERVING_REF
 
 VDT = datetime(2026, 6, 30, 16, 0, tzinfo=UTC)
 MODEL = "book"
@@ -89,16 +75,12 @@ def scenarios(k: int, process: str) -> list[dict[str, Any]]:
     return out
 
 
-async def prepare_store(store_dir: Path, process: str) -> CoreConfig:
+def untrained(process: str) -> tuple[Any, dict[str, Any]]:
+    """An untrained model of the default size and its quality record (the weights do not change
+    the speed)."""
     config = CoreConfig(process=process, device="cpu")
-    store = LocalStore(store_dir)
-    chain = VersionChain(model_store(store, MODEL))
     with Trainer(config) as trainer:
-        record = await chain.commit(trainer.snapshot(), message="bench.inference --book",
-                                    quality=trainer.quality().as_dict())
-    await chain.set_ref(SERVING_REF, record.counter, actor="bench", action="promote")
-    log(f"committed an untrained {process} model under {model_prefix(MODEL)}")
-    return config
+        return trainer.snapshot(), trainer.quality().as_dict()
 
 
 def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
@@ -119,53 +101,41 @@ def market(process: str, config: CoreConfig, asof: datetime) -> dict[str, Any]:
 
 async def run(process: str, store_dir: Path, *, instruments: int, n_scenarios: int,
               requests: int, gc_freeze: bool = True) -> dict[str, Any]:
-    config = await prepare_store(store_dir, process)
-    settings = Settings(
-        server=ServerSettings(max_instruments=max(instruments, 1), max_scenarios=max(
-            n_scenarios, 1), max_body_bytes=64 * 1024 * 1024, request_timeout_s=600.0,
-            gc_freeze=gc_freeze),
-        store=StoreSettings(url=f"file://{store_dir}"),
-        training=TrainingSettings(enabled=False),
-        model=ModelSettings(poll_interval_s=1.0),
-        models={MODEL: NamedModelSettings(core=config, training=False)},
-    )
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
+    snapshot, quality = untrained(process)
+    config = CoreConfig.model_validate(snapshot.meta["config"])
+    server_settings = ServerSettings(
+        max_instruments=max(instruments, 1), max_scenarios=max(n_scenarios, 1),
+        max_body_bytes=64 * 1024 * 1024, request_timeout_s=600.0, gc_freeze=gc_freeze)
     asof = datetime.now(UTC) - timedelta(minutes=1)
-    try:
-        async with aiohttp.ClientSession() as session:
-            while True:  # the model loads (numba warm-up) in the background
-                async with session.get(server.make_url(f"/v1/models/{MODEL}")) as resp:
-                    if (await resp.json())["live"] is not None:
-                        break
-                await asyncio.sleep(0.5)
-            vdt = VDT.isoformat().replace("+00:00", "Z")
-            async with session.put(server.make_url(f"/v1/marketdata/eod/{vdt}"),
-                                   json=market(process, config, asof)) as resp:
-                assert resp.status == 201, await resp.text()
-            base = {"valuation_namespace": "eod", "val_datetime": vdt,
-                    "data_asof": datetime.now(UTC).isoformat(), "model": MODEL,
-                    "instruments": book(instruments)}
-            with_scenarios = {**base, "scenarios": scenarios(n_scenarios, process)}
+    async with serve_snapshot(store_dir, snapshot, model=MODEL, server=server_settings,
+                              quality=quality, message="bench.inference --book") as (
+            server, session):
+        log(f"serving an untrained {process} model as {MODEL!r}")
+        vdt = VDT.isoformat().replace("+00:00", "Z")
+        async with session.put(server.make_url(f"/v1/marketdata/eod/{vdt}"),
+                               json=market(process, config, asof)) as resp:
+            assert resp.status == 201, await resp.text()
+        base = {"valuation_namespace": "eod", "val_datetime": vdt,
+                "data_asof": datetime.now(UTC).isoformat(), "model": MODEL,
+                "instruments": book(instruments)}
+        with_scenarios = {**base, "scenarios": scenarios(n_scenarios, process)}
 
-            async def timed(body: dict[str, Any], n: int) -> list[float]:
-                out = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    async with session.post(server.make_url("/v1/valuations"),
-                                            json=body) as resp:
-                        raw = await resp.read()
-                        assert resp.status == 200, raw[:500]
-                    out.append((time.perf_counter() - t0) * 1e3)
-                return out
+        async def timed(body: dict[str, Any], n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                async with session.post(server.make_url("/v1/valuations"),
+                                        json=body) as resp:
+                    raw = await resp.read()
+                    assert resp.status == 200, raw[:500]
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
 
-            await timed(with_scenarios, 2)  # warm-up
-            log(f"timing {requests} requests of {instruments} instruments x "
-                f"{n_scenarios} scenarios")
-            lat = await timed(with_scenarios, requests)
-            plain = await timed(base, requests)
-    finally:
-        await server.close()
+        await timed(with_scenarios, 2)  # warm-up
+        log(f"timing {requests} requests of {instruments} instruments x "
+            f"{n_scenarios} scenarios")
+        lat = await timed(with_scenarios, requests)
+        plain = await timed(base, requests)
     options = sum(1 for i in base["instruments"] if i["type"] != "forward")
     return {
         "bench": "inference_book",

@@ -219,83 +219,47 @@ async def service_path(data: bytes, surfaces: list[Surface]) -> dict[str, Any]:
     """POST /v1/calibrations per surface on the app serving the checkpoint (docstring)."""
     from datetime import UTC, datetime, timedelta
 
-    import aiohttp
-    from aiohttp.test_utils import TestServer
-
-    from config.settings import (
-        LoggingSettings,
-        ModelSettings,
-        NamedModelSettings,
-        ServerSettings,
-        Settings,
-        StoreSettings,
-        TrainingSettings,
-    )
-    from server.app import create_app
+    from bench.app import serve_snapshot
+    from config.settings import LoggingSettings, ServerSettings
     from server.logging import configure_logging
-    from spectral_core.config import CoreConfig
-    from storage.chain import VersionChain
-    from storage.localstore import LocalStore
-    from storage.prefixed import model_store
-    from storage.promotion import SERVING_REF
 
     configure_logging(LoggingSettings(level="WARNING", format="json"))
     snapshot = decode_checkpoint(data, expected_sha256=sha256_hex(data))
-    config = CoreConfig.model_validate(snapshot.meta["config"])
     grids = [grid_surface(s) for s in surfaces]
+    vdt = "2026-06-30T16:00:00Z"
+    asof = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    times, rmse, converged = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        store_dir = Path(tmp) / "store"
-        chain = VersionChain(model_store(LocalStore(store_dir), MODEL))
-        record = await chain.commit(snapshot, message="bench.calibration")
-        await chain.set_ref(SERVING_REF, record.counter, actor="bench", action="promote")
-        settings = Settings(
-            server=ServerSettings(request_timeout_s=600.0),
-            store=StoreSettings(url=f"file://{store_dir}"),
-            training=TrainingSettings(enabled=False),
-            model=ModelSettings(poll_interval_s=1.0),
-            models={MODEL: NamedModelSettings(core=config, training=False)},
-        )
-        server = TestServer(create_app(settings), host="127.0.0.1")
-        await server.start_server()
-        vdt = "2026-06-30T16:00:00Z"
-        asof = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-        times, rmse, converged = [], [], []
-        try:
-            async with aiohttp.ClientSession() as session:
-                while True:  # the model loads in the background
-                    async with session.get(server.make_url(f"/v1/models/{MODEL}")) as resp:
-                        if (await resp.json())["live"] is not None:
-                            break
-                    await asyncio.sleep(0.5)
-                for i, (s, g) in enumerate(zip(surfaces, grids, strict=True)):
-                    r, d = s.true["r"], s.true["d"]
-                    doc = {"data_asof": asof, "spots": {"SPX": S0},
-                           "zero_curves": {"OIS": {"tenors": [1.0], "rates": [r]}},
-                           "dividend_curves": {"SPX": {"tenors": [1.0], "rates": [d]}},
-                           "vol_surfaces": {"SPX": {k: g[k] for k in
-                                                    ("expiries", "log_moneyness", "vols")}}}
-                    async with session.put(server.make_url(f"/v1/marketdata/s{i}/{vdt}"),
-                                           json=doc) as resp:
-                        assert resp.status == 201, await resp.text()
-                body = {"val_datetime": vdt, "data_asof": datetime.now(UTC).isoformat(),
-                        "underlying": "SPX", "model": MODEL}
-                for i in [0, *range(len(surfaces))]:  # the first untimed
-                    start = time.perf_counter()
-                    async with session.post(server.make_url("/v1/calibrations"),
-                                            json={**body, "valuation_namespace": f"s{i}"}
-                                            ) as resp:
-                        answer = await resp.json()
-                    times.append((time.perf_counter() - start) * 1e3)
-                    # 201 a new fit stored (200 the same fit again); 422 a fit that did not
-                    # converge, with its diagnostics
-                    record = answer.get("calibration")
-                    if resp.status not in (200, 201, 422) or record is None:
-                        raise RuntimeError(f"calibration of s{i}: {resp.status} "
-                                           f"{str(answer)[:300]}")
-                    rmse.append(record["rmse_volbp"])
-                    converged.append(resp.status != 422)
-        finally:
-            await server.close()
+        async with serve_snapshot(Path(tmp) / "store", snapshot, model=MODEL,
+                                  server=ServerSettings(request_timeout_s=600.0),
+                                  message="bench.calibration") as (server, session):
+            for i, (s, g) in enumerate(zip(surfaces, grids, strict=True)):
+                r, d = s.true["r"], s.true["d"]
+                doc = {"data_asof": asof, "spots": {"SPX": S0},
+                       "zero_curves": {"OIS": {"tenors": [1.0], "rates": [r]}},
+                       "dividend_curves": {"SPX": {"tenors": [1.0], "rates": [d]}},
+                       "vol_surfaces": {"SPX": {k: g[k] for k in
+                                                ("expiries", "log_moneyness", "vols")}}}
+                async with session.put(server.make_url(f"/v1/marketdata/s{i}/{vdt}"),
+                                       json=doc) as resp:
+                    assert resp.status == 201, await resp.text()
+            body = {"val_datetime": vdt, "data_asof": datetime.now(UTC).isoformat(),
+                    "underlying": "SPX", "model": MODEL}
+            for i in [0, *range(len(surfaces))]:  # the first untimed
+                start = time.perf_counter()
+                async with session.post(server.make_url("/v1/calibrations"),
+                                        json={**body, "valuation_namespace": f"s{i}"}
+                                        ) as resp:
+                    answer = await resp.json()
+                times.append((time.perf_counter() - start) * 1e3)
+                # 201 a new fit stored (200 the same fit again); 422 a fit that did not
+                # converge, with its diagnostics
+                record = answer.get("calibration")
+                if resp.status not in (200, 201, 422) or record is None:
+                    raise RuntimeError(f"calibration of s{i}: {resp.status} "
+                                       f"{str(answer)[:300]}")
+                rmse.append(record["rmse_volbp"])
+                converged.append(resp.status != 422)
     pricer = Pricer.from_snapshot(snapshot, process="heston")
     fit_surface(pricer, grids[0]["points"])  # untimed
     inproc = [_timed(lambda g=g: fit_surface(pricer, g["points"]))[1] * 1e3 for g in grids]
