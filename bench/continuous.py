@@ -37,8 +37,11 @@ one version have d = 0). A non-finite served price fails it.
 the final commit is not in it (null when the server does not export the counter). `store_mb`:
 bytes under the store directory after the server has stopped (SIGTERM: drain, final commit) / 1e6.
 
-Exit status 2 with a one-line message when the server refuses to start for the process (today it
-serves gbm only). Progress goes to stderr, the result line alone to stdout.
+`--model heston|bates` serves that process as a named model next to bs (as `make run` serves
+heston; bs trains alongside) and prices the held-out set with `"model"` in each request; its
+first priced answer waits for a version to pass the promotion gate. Exit status 1 with a
+one-line message when the server exits before it is ready. Progress goes to stderr, the result
+line alone to stdout.
 """
 
 from __future__ import annotations
@@ -78,8 +81,13 @@ PROMOTIONS = "spectralmc_promotions_total"
 MEASURE_TRIES = 3
 # Tries of one request answered 503 (admission: queue full or deadline) before giving up.
 REQUEST_TRIES = 5
-# `{"contracts":[` ... `]}` around the rows of a request body.
+# `{"contracts":[` ... `]}` around the rows of a request body (bs, the default model; a named
+# model's requests name it: `{"model":"heston","contracts":[` ...).
 BODY_HEAD, BODY_TAIL = b'{"contracts":[', b"]}"
+
+
+def body_head(model: str) -> bytes:
+    return BODY_HEAD if model == "bs" else b'{"model":"%s","contracts":[' % model.encode()
 
 
 class ServerExited(RuntimeError):
@@ -219,22 +227,24 @@ class HeldOut:
     X0: np.ndarray  # (n,) float64
 
 
-def held_out(process_name: ProcessName, n: int = HELD_OUT_CONTRACTS) -> HeldOut:
+def held_out(process_name: ProcessName, n: int = HELD_OUT_CONTRACTS, *,
+             model: str = "bs") -> HeldOut:
     process = get_process(process_name)
     cols = held_out_contracts(n, CoreConfig(process=process_name).domain)
     theta = np.column_stack([cols[f] for f in process.request_fields])  # (n, P)
     oracle = np.asarray(process.reference_put(theta, S0=cols["X0"], K=cols["K"]), np.float64)
     fields = ("X0", "K", *process.request_fields)
     rows = [json.dumps({f: float(cols[f][i]) for f in fields}).encode() for i in range(n)]
-    server, model = ServerSettings(), ModelSettings()
+    server, model_settings = ServerSettings(), ModelSettings()
+    head = body_head(model)
     bounds = chunk_bounds(
         [len(r) for r in rows],
-        max_rows=min(server.max_instruments, model.max_batch_rows),
+        max_rows=min(server.max_instruments, model_settings.max_batch_rows),
         max_body_bytes=server.max_body_bytes,
-        overhead=len(BODY_HEAD) + len(BODY_TAIL),
+        overhead=len(head) + len(BODY_TAIL),
     )
-    bodies = [BODY_HEAD + b",".join(rows[a:b]) + BODY_TAIL for a, b in bounds]
-    return HeldOut(bodies, BODY_HEAD + rows[0] + BODY_TAIL, oracle, cols["X0"])
+    bodies = [head + b",".join(rows[a:b]) + BODY_TAIL for a, b in bounds]
+    return HeldOut(bodies, head + rows[0] + BODY_TAIL, oracle, cols["X0"])
 
 
 # Wait as long as the server lets a request wait: a loaded 2-core machine prices slowly.
@@ -279,14 +289,18 @@ async def measure(
 # --- the run ----------------------------------------------------------------------------------
 
 
-def service_toml(process_name: str, averaging: str = "none") -> str:
-    """SERVICE_TOML, plus the process for heston and bates and the averaging when not "none"
-    (the rest of [core] stays default)."""
+def service_toml(model: str, averaging: str = "none") -> str:
+    """SERVICE_TOML for `model`: bs is the top-level [core]; heston and bates are named models
+    of their process next to it, as `make run` serves heston (bs trains alongside: the
+    training switch is per server, with a per-model opt-out only). The averaging is set when
+    not "none"; the rest of [core] stays default."""
     out = SERVICE_TOML
-    if process_name != "gbm":
-        out += f'\n[core]\nprocess = "{process_name}"\n'
+    core = "core"
+    if model != "bs":
+        core = f"models.{model}.core"
+        out += f'\n[models.{model}]\ntraining = true\n\n[{core}]\nprocess = "{MODELS[model]}"\n'
     if averaging != "none":
-        out += f'\n[core.optim]\naveraging = "{averaging}"\n'
+        out += f'\n[{core}.optim]\naveraging = "{averaging}"\n'
     return out
 
 
@@ -372,13 +386,13 @@ def summarise(
 async def continuous(options: ContinuousOptions, workdir: Path | None = None) -> dict[str, Any]:
     """Start the server, measure the served error over time, stop; the result line's dict."""
     process_name = MODELS[options.model]
-    data = held_out(process_name)
+    data = held_out(process_name, model=options.model)
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="continuous-")))
         workdir.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(workdir, commit_every_s=options.commit_every_s,
-                               template=service_toml(process_name, options.averaging))
+                               template=service_toml(options.model, options.averaging))
         timeout = aiohttp.ClientTimeout(total=ServerSettings().request_timeout_s + 30.0)
         started = time.monotonic()
         server.start(new_session=True)
@@ -422,11 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ready_timeout_s=args.ready_timeout_s, averaging=args.averaging)
     try:
         result = asyncio.run(continuous(options, args.workdir))
-    except ServerExited as exc:
-        if MODELS[args.model] != "gbm":
-            print(f"bench.continuous: the server does not yet serve the {MODELS[args.model]} "
-                  f"process (--model {args.model}): {exc.reason}", file=sys.stderr)
-            return 2
+    except (ServerExited, RuntimeError) as exc:  # RuntimeError: nothing priced in time
         print(f"bench.continuous: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

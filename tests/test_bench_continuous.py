@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,17 +122,27 @@ def test_promotion_counts_read_both_labels() -> None:
     assert promotion_counts(text) == (4, 3)
 
 
-# slow: it starts the real server (which refuses heston today; once it serves heston this run
-# would train for a minute, and the test must change with it)
-@pytest.mark.slow
-def test_a_process_the_server_refuses_exits_with_status_2(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert continuous.main(["--model", "heston", "--minutes", "1"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert "does not yet serve the heston process" in err
-    assert "Traceback" not in err
+def test_a_named_model_is_served_next_to_bs_and_named_in_each_request(tmp_path: Path) -> None:
+    """--model heston: the settings the bench serves load, with heston a named model of its
+    process (the top-level [core] stays the gbm bs), the averaging on its core; every held-out
+    request names the model and carries heston's contract fields."""
+    from config.settings import load_settings
+
+    text = continuous.service_toml("heston", "ema").format(
+        port=8123, store=tmp_path / "store", commit_every_s=60.0)
+    (tmp_path / "settings.toml").write_text(text)
+    settings = load_settings(config_file=tmp_path / "settings.toml", env={})
+    assert settings.core.process == "gbm" and settings.core.optim.averaging == "none"
+    named = settings.models["heston"]
+    assert named.training and named.core.process == "heston"
+    assert named.core.optim.averaging == "ema"
+    data = continuous.held_out("heston", 5, model="heston")
+    for body in (*data.bodies, data.probe):
+        doc = json.loads(body)
+        assert doc["model"] == "heston"
+        assert set(doc["contracts"][0]) == {"X0", "K", "T", "r", "d", "v0", "kappa", "theta_v",
+                                            "xi", "rho"}
+    assert "model" not in json.loads(continuous.held_out("gbm", 5).probe)
 
 
 @pytest.mark.slow
