@@ -26,6 +26,9 @@ and wrk share two cores) with `--connections` connections for single requests an
   10 s client timeout. `overload_admitted_p99_ms` is over the 200 answers, `overload_rejected`
   counts 503 answers that carry Retry-After, `overload_timeouts` the requests that got no answer
   in time.
+Each wrk run starts after a SETTLE_S (2 s) pause, so that the requests wrk left in flight when
+the previous run stopped are priced first (without it, a run of books could open on a pricing
+queue still holding the last 1,000-contract requests, and count their 503 `queue_full`s).
 `errors` counts every answer of the wrong status in the runs that should all succeed, socket
 errors, a 503 without Retry-After, and failed correctness checks: the same request twice gives
 identical bytes, and the served prices equal an in-process reproducible Pricer loaded from the
@@ -123,10 +126,17 @@ def wrk_binary() -> str:
     return found
 
 
+# Pause before each wrk run (run_wrk): longer than the slowest request of the runs before it.
+SETTLE_S = 2.0
+
+
 def run_wrk(
     url: str, body: bytes, *, seconds: float, connections: int, workdir: Path, name: str
 ) -> dict[str, Any]:
-    """One wrk run; its numbers in ms and req/s, and the errors it saw."""
+    """One wrk run; its numbers in ms and req/s, and the errors it saw. It starts after a
+    SETTLE_S pause: wrk stops with requests in flight, the server prices them anyway, and a run
+    started at once would find the previous run's rows still holding the pricing queue."""
+    time.sleep(SETTLE_S)
     body_path = workdir / f"{name}.json"
     body_path.write_bytes(body)
     script = workdir / f"{name}.lua"
