@@ -442,12 +442,12 @@ class _Inputs:
     T: list[float]
     T_source: list[str]
     quotes: BookQuotes
+    K: Floats  # (n,) strikes
+    quantity: Floats  # (n,)
     # a non-GBM model's parameters (v0, kappa, ...) per instrument; None where it needs none
     params: Mapping[str, Sequence[Quote | None]] = field(default_factory=dict)
     # the parameters as (n,) columns, NaN where an instrument needs none
     param_columns: Mapping[str, Floats] = field(default_factory=dict)
-    K: Floats = field(default_factory=lambda: np.empty(0))
-    quantity: Floats = field(default_factory=lambda: np.empty(0))
 
     def column(self, name: str) -> Floats:
         """One pricer input (X0, K, T, r, d, v or a model parameter) of every instrument (n,);
@@ -509,13 +509,14 @@ def _market_inputs(
     vdt = req.val_datetime
     insts = req.instruments
     T = [year_fraction_act365(start=vdt, end=inst.expiry) for inst in insts]
+    strikes = [inst.strike for inst in insts]
     priced = [inst.type in MODEL_TYPES for inst in insts]
     gbm = not model.params
     try:
         quotes = view.book_quotes(
             underlyings=[inst.underlying for inst in insts],
             T=T,
-            K=[inst.strike for inst in insts],
+            K=strikes,
             need_vol=priced if gbm else [False] * len(insts),
         )
     except InstrumentQuoteError as e:
@@ -538,10 +539,10 @@ def _market_inputs(
     vdt_text = format_utc(vdt)
     T_source = [f"ACT/365 from val_datetime {vdt_text} to expiry {x}" for x in expiries]
     n = len(insts)
-    K = np.fromiter((inst.strike for inst in insts), np.float64, n)
+    K = np.asarray(strikes, dtype=np.float64)
     quantity = np.fromiter((inst.quantity for inst in insts), np.float64, n)
     if gbm:
-        return _Inputs(T, T_source, quotes, K=K, quantity=quantity)
+        return _Inputs(T, T_source, quotes, K, quantity)
     underlyings = sorted({inst.underlying for inst, p in zip(insts, priced, strict=True) if p})
     by_underlying = {u: view.model_params(u, model.name, model.params) for u in underlyings}
     # each priced instrument's underlying as an index into `underlyings` (-1: a forward)
@@ -555,7 +556,7 @@ def _market_inputs(
         values_u = np.array([q.value for q in quotes_u] + [math.nan])  # [-1]: none
         columns[name] = values_u[owner]
         params[name] = [None if j < 0 else quotes_u[j] for j in owner.tolist()]
-    return _Inputs(T, T_source, quotes, params, columns, K=K, quantity=quantity)
+    return _Inputs(T, T_source, quotes, K, quantity, params, columns)
 
 
 @dataclass(frozen=True)
@@ -657,14 +658,14 @@ async def value_book(
     rows = _model_rows(types, K, inputs, greeks=req.greeks, fields=spec.fields)
     values, info = await _price_rows(req, rows, inputs, model=model, deadline_s=deadline_s)
     unit, unit_greeks = _unit_columns(types, rows, values, greeks=req.greeks, names=spec.greeks)
-    _price_forwards(req, inputs, rows, unit, unit_greeks)
+    _price_forwards(inputs, rows, unit, unit_greeks)
     out_rows, totals = _answers(req, expiries, inputs, rows, unit, unit_greeks, values,
                                 names=spec.greeks)
     _attach_implied_vols(out_rows, types, K, inputs, unit)
     snap = stored.snapshot
     extra: dict[str, Any] = {}
     if req.scenarios:
-        extra["scenarios"] = await _revalue(req, types, K, inputs, rows, unit, spec,
+        extra["scenarios"] = await _revalue(req, types, inputs, rows, unit, spec,
                                             model=model, deadline_s=deadline_s)
     return {
         "valuation_namespace": req.valuation_namespace,
@@ -691,7 +692,7 @@ def _scenario_shifts(scenarios: Sequence[Scenario]) -> dict[str, Floats]:
 
 
 async def _revalue(
-    req: ValuationRequest, types: npt.NDArray[np.str_], K: Floats, inputs: _Inputs,
+    req: ValuationRequest, types: npt.NDArray[np.str_], inputs: _Inputs,
     rows: _Rows, base_unit: Floats, spec: BookModel, *, model: ModelService,
     deadline_s: float | None,
 ) -> list[dict[str, Any]]:
@@ -724,7 +725,7 @@ async def _revalue(
         cols = {name: inputs.column(name)[fwd] for name in ("X0", "T", "r", "d")}
         moved = shift_columns(cols, **shifts)
         price, _ = forwards(S=moved["X0"], T=moved["T"], r=moved["r"], d=moved["d"],
-                            K=np.tile(K[fwd], S))
+                            K=np.tile(inputs.K[fwd], S))
         unit[:, fwd] = price.reshape(S, fwd.size)
     base_total = exact_total(positions(inputs.quantity, base_unit))
     price = positions(inputs.quantity[None, :], unit)  # (S, n)
@@ -774,7 +775,6 @@ async def _price_rows(
 
 
 def _price_forwards(
-    req: ValuationRequest,
     inputs: _Inputs,
     rows: _Rows,
     unit: Floats,

@@ -23,7 +23,7 @@ fastmath, numba keeps the IEEE order of operations of the Python expression.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import numba
@@ -34,8 +34,6 @@ Floats = npt.NDArray[np.float64]
 Rule = Literal["linear_rate", "linear_rt"]
 # Relative strike bump for digital greeks by central difference of the vanilla greeks in K.
 DIGITAL_GREEK_BUMP = 1e-4
-# A forward's greeks (every other greek, gamma and the model's parameters, is 0).
-FORWARD_GREEKS: tuple[str, ...] = ("delta", "theta", "rho")
 
 
 # --- market inputs ------------------------------------------------------------------------------
@@ -215,9 +213,8 @@ def _columns(*cols: npt.ArrayLike) -> list[Floats]:
     return [np.array(np.broadcast_to(a, shape), dtype=np.float64).ravel() for a in arrays]
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "DIGITAL_GREEK_BUMP",
-    "FORWARD_GREEKS",
     "exact_total",
     "forwards",
     "interpolate_curve",
