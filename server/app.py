@@ -206,7 +206,9 @@ def create_app(
         ],
     )
     app[SETTINGS_KEY] = settings
-    app[EDGE_KEY] = EdgeAdmission(settings.server.max_inflight_body_bytes)
+    app[EDGE_KEY] = EdgeAdmission(
+        settings.server.max_inflight_body_bytes,
+        on_reject=lambda reason: metrics.http_rejections.labels(reason=reason).inc())
     app[CLOCK_KEY] = clock
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = metrics

@@ -9,7 +9,7 @@ the client gets its precise 400. Answers are `storage.documents.canonical_bytes`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.errors import FieldError, MalformedBody, RequestInvalid
-from server.keys import METRICS_KEY, MODEL_KEY, SETTINGS_KEY
+from server.keys import MODEL_KEY, SETTINGS_KEY
 from server.model import Overloaded
 from server.valuation import Limits
 from storage.documents import canonical_bytes
@@ -65,14 +65,18 @@ class EdgeAdmission:
     nowhere: it is refused (503, Retry-After) before its body is read. One alone always enters,
     so the largest body the server accepts can always be priced."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *,
+                 on_reject: Callable[[str], None] | None = None) -> None:
         self.max_bytes = max_bytes
+        self.on_reject = on_reject  # called with the reason of each refusal (metrics)
         self.inflight_bytes = 0
         self.inflight_requests = 0
 
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
         if self.inflight_requests and self.inflight_bytes + cost > self.max_bytes:
+            if self.on_reject is not None:
+                self.on_reject("inflight_body")
             raise Overloaded(
                 "inflight_body",
                 f"{self.inflight_requests} pricing requests ({self.inflight_bytes} body bytes) in "
@@ -101,13 +105,8 @@ def admitted(request: web.Request) -> Iterator[None]:
     request.app[MODEL_KEY].check_admission()
     length = request.content_length
     cost = length if length is not None else request.app[SETTINGS_KEY].server.max_body_bytes
-    try:
-        with request.app[EDGE_KEY].hold(cost):
-            yield
-    except Overloaded as exc:
-        if exc.reason == "inflight_body":
-            request.app[METRICS_KEY].http_rejections.labels(reason=exc.reason).inc()
-        raise
+    with request.app[EDGE_KEY].hold(cost):
+        yield
 
 
 def canonical_response(body: Any) -> web.Response:
